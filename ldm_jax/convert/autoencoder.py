@@ -1,0 +1,210 @@
+"""Import and export of first-stage autoencoders in the CompVis and diffusers layouts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ldm_jax.convert import keymaps
+from ldm_jax.convert.files import (DIFFUSERS_WEIGHTS, WeightFileError, read_safetensors_metadata,
+                                   read_tensors, strip_nesting, write_diffusers_folder,
+                                   write_safetensors)
+from ldm_jax.convert.torch_layout import (StateMismatchError, export_state, import_state,
+                                          torch_leaves)
+from ldm_jax.models.autoencoder import (AutoencoderSpec, abstract_autoencoder,
+                                        build_autoencoder)
+
+SPEC_METADATA_KEY = "ldm_jax.autoencoder_spec"
+_DIFFUSERS_DEFAULT_SCALING = 0.18215
+
+
+@dataclasses.dataclass
+class AutoencoderWeights:
+  """A source's tensors in the CompVis layout, split into the model and the training loss."""
+
+  model: dict[str, np.ndarray]
+  loss: dict[str, np.ndarray]  # `loss.*` of training checkpoints, prefix removed
+  layout: str
+  source: str
+  resolution: int | None = None  # sample size when the source says it
+  spec: AutoencoderSpec | None = None  # when the source carries ldm_jax's spec
+
+
+def read_autoencoder_weights(path: str | os.PathLike) -> AutoencoderWeights:
+  """Reads any accepted source: a diffusers folder, a .safetensors or a torch checkpoint."""
+  path = Path(path)
+  resolution, spec = None, None
+  if path.is_dir():
+    folder = path / "vae" if (path / "vae" / DIFFUSERS_WEIGHTS).is_file() else path
+    weights_file = folder / DIFFUSERS_WEIGHTS
+    if not weights_file.is_file():
+      raise WeightFileError(f"{path} is a folder without {DIFFUSERS_WEIGHTS} (nor vae/"
+                            f"{DIFFUSERS_WEIGHTS}); pass a diffusers model folder or a file")
+    tensors = read_tensors(weights_file)
+    config_file = folder / "config.json"
+    if config_file.is_file():
+      resolution = json.loads(config_file.read_text()).get("sample_size")
+  elif not path.exists():
+    raise WeightFileError(f"no weights at {path}")
+  else:
+    tensors = read_tensors(path)
+    if path.suffix == ".safetensors":
+      stored = read_safetensors_metadata(path).get(SPEC_METADATA_KEY)
+      spec = AutoencoderSpec.from_config(json.loads(stored)) if stored else None
+  tensors = strip_nesting(tensors, "first_stage_model.")
+  loss = {k[len("loss."):]: v for k, v in tensors.items() if k.startswith("loss.")}
+  model = {k: v for k, v in tensors.items() if not k.startswith("loss.")}
+  layout = keymaps.detect_layout(model)
+  if layout == "diffusers":
+    model = keymaps.diffusers_to_compvis(model)
+  return AutoencoderWeights(model, loss, layout, str(path),
+                            resolution if isinstance(resolution, int) else None, spec)
+
+
+def infer_spec(tensors: dict[str, np.ndarray], resolution: int | None = None) -> AutoencoderSpec:
+  """The architecture implied by CompVis-layout tensor names and shapes."""
+  def shape(key):
+    if key not in tensors:
+      raise StateMismatchError(f"cannot infer the architecture: {key} is missing")
+    return tensors[key].shape
+
+  resolution = resolution or 256
+  levels = keymaps.num_levels(tensors, "compvis")
+  ch = shape("encoder.conv_in.weight")[0]
+  blocks = {int(m[1]) for k in tensors if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
+  ch_mult = tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels))
+  attn_levels = [i for i in range(levels)
+                 if any(k.startswith(f"encoder.down.{i}.attn.") for k in tensors)]
+  has_mid_attn = any(k.startswith("encoder.mid.attn_1.") for k in tensors)
+  kind = "vq" if "quantize.embedding.weight" in tensors else "kl"
+  values: dict[str, Any] = dict(
+      kind=kind, resolution=resolution, ch=ch, ch_mult=ch_mult, num_res_blocks=len(blocks),
+      in_channels=shape("encoder.conv_in.weight")[1],
+      out_ch=shape("decoder.conv_out.weight")[0],
+      attn_resolutions=tuple(resolution // 2**i for i in attn_levels),
+      attn_type="vanilla" if has_mid_attn or attn_levels else "none",
+      z_channels=shape("decoder.conv_in.weight")[1],
+      embed_dim=shape("post_quant_conv.weight")[1])
+  if kind == "vq":
+    values["n_embed"] = shape("quantize.embedding.weight")[0]
+    if "quantize.used" in tensors:
+      values["remap"] = tuple(int(i) for i in tensors["quantize.used"])
+  return AutoencoderSpec(**values)
+
+
+def spec_from(config: Any) -> AutoencoderSpec:
+  """Accepts an AutoencoderSpec, a full config (with `.model`) or its model block."""
+  if isinstance(config, AutoencoderSpec):
+    return config
+  model = config.get("model", config) if hasattr(config, "get") else config
+  return AutoencoderSpec.from_config(model)
+
+
+def load_autoencoder(path: str | os.PathLike, config: Any = None):
+  """An AutoencoderKL or VQModel with the weights at `path`.
+
+  `path`: a diffusers folder (config.json + diffusion_pytorch_model.safetensors, or a
+  pipeline folder with vae/), a CompVis or diffusers-layout .safetensors, or a .ckpt/.pt
+  (read with torch.load(weights_only=True)); keys may be bare, under `first_stage_model.`
+  (LDM checkpoints) or nested under `state_dict` (Lightning). `config` (a config, its
+  `model` block or an AutoencoderSpec) may be omitted: the architecture is then read from
+  the weights. Nothing is loaded unless every tensor fits.
+  """
+  weights = read_autoencoder_weights(path)
+  if config is not None:
+    spec = spec_from(config)
+  else:
+    spec = weights.spec or infer_spec(weights.model, weights.resolution)
+  model = abstract_autoencoder(spec)
+  try:
+    import_state(model, weights.model, f"{weights.source} ({weights.layout} layout)")
+  except StateMismatchError as err:
+    raise StateMismatchError(f"{err}\n{_describe_weights(weights)}") from None
+  return model
+
+
+def _describe_weights(weights: AutoencoderWeights) -> str:
+  try:
+    found = infer_spec(weights.model, weights.resolution)
+  except (StateMismatchError, ValueError):
+    return ""
+  return (f"The weights look like: kind={found.kind} ch={found.ch} ch_mult={found.ch_mult} "
+          f"num_res_blocks={found.num_res_blocks} attn_resolutions={found.attn_resolutions} "
+          f"(at resolution {found.resolution}) z_channels={found.z_channels} "
+          f"embed_dim={found.embed_dim}" + (f" n_embed={found.n_embed}" if found.kind == "vq"
+                                            else ""))
+
+
+def save_autoencoder(model, path: str | os.PathLike, format: str = "diffusers",
+                     scaling_factor: float = _DIFFUSERS_DEFAULT_SCALING) -> None:
+  """Writes `model` for PyTorch users, atomically.
+
+  format="compvis": one .safetensors file with CompVis keys (ldm_jax's spec in its
+  metadata). format="diffusers": a folder loadable with `AutoencoderKL.from_pretrained`
+  (or `VQModel.from_pretrained`); `scaling_factor` goes into its config.json.
+  """
+  spec: AutoencoderSpec = model.spec
+  tensors = export_state(model)
+  if format == "compvis":
+    if Path(path).suffix != ".safetensors":
+      raise ValueError(f"a CompVis export is one .safetensors file; got {path}")
+    write_safetensors(tensors, path, {SPEC_METADATA_KEY: json.dumps(_spec_json(spec))})
+  elif format == "diffusers":
+    config = diffusers_config(spec, scaling_factor)
+    write_diffusers_folder(keymaps.compvis_to_diffusers(tensors), config, path)
+  else:
+    raise ValueError(f"format must be 'diffusers' or 'compvis', got {format!r}")
+
+
+def _spec_json(spec: AutoencoderSpec) -> dict:
+  values = dataclasses.asdict(spec)
+  values["remap"] = list(values["remap"]) if values["remap"] is not None else None
+  values.pop("dtype"), values.pop("remat")  # run-time choices, not architecture
+  return values
+
+
+def diffusers_config(spec: AutoencoderSpec, scaling_factor: float) -> dict:
+  """config.json for diffusers' AutoencoderKL / VQModel describing `spec`."""
+  problems = []
+  if spec.ch_mult[0] != 1:
+    problems.append("ch_mult[0] must be 1 (diffusers' encoder has no separate stem width)")
+  if spec.kind == "kl" and spec.z_channels != spec.embed_dim:
+    problems.append("diffusers' AutoencoderKL needs z_channels == embed_dim")
+  if spec.kind == "vq" and spec.remap is not None:
+    problems.append("diffusers' VQModel has no index remap")
+  if problems:
+    raise ValueError("cannot export to the diffusers layout: " + "; ".join(problems)
+                     + "; use format='compvis'")
+  levels = len(spec.ch_mult)
+  attn = [spec.attn_type == "vanilla" and spec.resolution // 2**i in spec.attn_resolutions
+          for i in range(levels)]
+  common = dict(
+      in_channels=spec.in_channels, out_channels=spec.out_ch,
+      down_block_types=["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn],
+      up_block_types=["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D"
+                      for a in reversed(attn)],
+      block_out_channels=[spec.ch * m for m in spec.ch_mult],
+      layers_per_block=spec.num_res_blocks, act_fn="silu", norm_num_groups=32,
+      sample_size=spec.resolution, scaling_factor=scaling_factor,
+      mid_block_add_attention=spec.attn_type == "vanilla")
+  if spec.kind == "kl":
+    return dict(_class_name="AutoencoderKL", latent_channels=spec.z_channels,
+                force_upcast=True, use_quant_conv=True, use_post_quant_conv=True, **common)
+  return dict(_class_name="VQModel", latent_channels=spec.z_channels,
+              vq_embed_dim=spec.embed_dim, num_vq_embeddings=spec.n_embed, norm_type="group",
+              lookup_from_codebook=False, force_upcast=False, **common)
+
+
+def torch_keys(spec: AutoencoderSpec) -> list[str]:
+  """The CompVis keys of a model with this spec (for documentation and checks)."""
+  return sorted(torch_leaves(abstract_autoencoder(spec)))
+
+
+__all__ = ["load_autoencoder", "save_autoencoder", "read_autoencoder_weights", "infer_spec",
+           "diffusers_config", "build_autoencoder", "torch_keys"]

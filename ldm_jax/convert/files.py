@@ -1,0 +1,138 @@
+"""Reading and writing PyTorch weight files safely.
+
+safetensors is the exchange format. A pickled `.ckpt`/`.pt`/`.pth`/`.bin` is read only with
+`torch.load(weights_only=True)`, never unpickled blindly. Writes are atomic: a file or
+folder appears complete under its final name, or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+class WeightFileError(ValueError):
+  """The weight file is missing, unreadable or of an unknown kind."""
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """All tensors of a safetensors or torch checkpoint file as NumPy (float types as float32).
+
+  A Lightning checkpoint's `state_dict` nesting is removed.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise WeightFileError(f"no weight file at {path}")
+  if path.suffix == ".safetensors":
+    tensors = _read_safetensors(path)
+  elif path.suffix in PICKLE_SUFFIXES:
+    tensors = _read_torch(path)
+  else:
+    raise WeightFileError(f"{path}: unknown weight file type {path.suffix!r}; expected "
+                          f".safetensors or one of {', '.join(PICKLE_SUFFIXES)}")
+  if not tensors:
+    raise WeightFileError(f"{path} holds no tensors")
+  return tensors
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+  from safetensors import safe_open
+  with safe_open(str(path), framework="numpy") as f:
+    return dict(f.metadata() or {})
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+  from safetensors import SafetensorError, safe_open
+  try:
+    with safe_open(str(path), framework="flax") as f:  # flax: bfloat16 reads too
+      return {k: _as_numpy(np.asarray(f.get_tensor(k))) for k in f.keys()}
+  except (SafetensorError, OSError, ValueError) as err:
+    raise WeightFileError(f"{path} is not a readable safetensors file (truncated, corrupt, "
+                          f"or another format renamed?): {err}") from err
+
+
+def _read_torch(path: Path) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError as err:
+    raise WeightFileError(
+        f"reading {path.name} needs PyTorch (pip install torch==2.13.0); or convert it to "
+        "safetensors elsewhere") from err
+  try:
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+  except Exception as err:  # torch raises many types for bad pickles
+    raise WeightFileError(
+        f"{path} could not be read with torch.load(weights_only=True) (truncated or not a "
+        f"PyTorch checkpoint, or it holds arbitrary Python objects): {err}") from err
+  if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+    obj = obj["state_dict"]
+  if not isinstance(obj, dict):
+    raise WeightFileError(f"{path} holds a {type(obj).__name__}, not a state dict")
+  out = {}
+  for key, value in obj.items():
+    if isinstance(value, torch.Tensor):
+      value = value.detach().cpu()
+      if value.is_floating_point():
+        value = value.float()
+      out[key] = value.numpy()
+  return out
+
+
+def _as_numpy(a: np.ndarray) -> np.ndarray:
+  if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
+    return a.astype(np.float32)
+  return a
+
+
+def strip_nesting(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+  """Keeps the tensors under `prefix` (e.g. 'first_stage_model.') if any, without it."""
+  nested = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+  return nested or tensors
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+  """Yields a temporary sibling of `path`; on success it replaces `path` in one rename."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+  try:
+    yield tmp
+    if path.is_dir() and not path.is_symlink():
+      old = path.with_name(f".{path.name}.old")
+      shutil.rmtree(old, ignore_errors=True)
+      os.replace(path, old)
+      os.replace(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, path)
+  finally:
+    shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> None:
+  from safetensors.numpy import save_file
+  with atomic_path(path) as tmp:
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+              metadata={"format": "pt", **(metadata or {})})
+
+
+def write_diffusers_folder(tensors: dict[str, np.ndarray], config: dict,
+                           path: str | os.PathLike) -> None:
+  from safetensors.numpy import save_file
+  with atomic_path(path) as tmp:
+    tmp.mkdir()
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+              str(tmp / DIFFUSERS_WEIGHTS), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

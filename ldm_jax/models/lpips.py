@@ -1,0 +1,181 @@
+"""LPIPS (VGG variant) in NNX, NHWC, inputs in [-1, 1].
+
+The perceptual term of the first-stage losses and an evaluation metric. The weights are
+ImageNet VGG16 plus the LPIPS v0.1 linear heads; neither can be trained here, so they come
+from one safetensors file in the PyTorch layout (`features.{i}.weight/bias` as in
+torchvision, `lin{k}.model.1.weight` as in LPIPS), made once by
+`ldm_jax.convert.lpips_weights`. Attribute names mirror those keys, so loading is
+`import_state` and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ldm_jax.convert.torch_layout import StateMismatchError, export_state, import_state
+from ldm_jax.models.layers import conv
+
+# torchvision VGG16 `features`: (index, in, out) of each 3x3 conv, ReLU after each. A 2x2
+# max-pool precedes every block but the first; a tap is taken after each block's last ReLU
+# (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 = torchvision indices 3, 8, 15, 22, 29).
+VGG_BLOCKS = (
+    ((0, 3, 64), (2, 64, 64)),
+    ((5, 64, 128), (7, 128, 128)),
+    ((10, 128, 256), (12, 256, 256), (14, 256, 256)),
+    ((17, 256, 512), (19, 512, 512), (21, 512, 512)),
+    ((24, 512, 512), (26, 512, 512), (28, 512, 512)),
+)
+TAP_CHANNELS = tuple(block[-1][2] for block in VGG_BLOCKS)  # 64, 128, 256, 512, 512
+
+# LPIPS ScalingLayer: maps [-1, 1] images to ImageNet-normalised inputs. Constants, not
+# weights: the LPIPS checkpoints store them as buffers we do not need to read.
+SHIFT = (-0.030, -0.088, -0.188)
+SCALE = (0.458, 0.448, 0.450)
+EPS = 1e-10
+
+CONVERT_COMMAND = ("python -m ldm_jax.convert.lpips_weights --vgg16=vgg16-397923af.pth "
+                   "--lin=vgg.pth --out=lpips_vgg.safetensors")
+
+
+def torch_shapes() -> dict[str, tuple[int, ...]]:
+  """Every key of an LPIPS weights file with its PyTorch shape (what the converter checks)."""
+  shapes = {}
+  for block in VGG_BLOCKS:
+    for idx, cin, cout in block:
+      shapes[f"features.{idx}.weight"] = (cout, cin, 3, 3)
+      shapes[f"features.{idx}.bias"] = (cout,)
+  for k, c in enumerate(TAP_CHANNELS):
+    shapes[f"lin{k}.model.1.weight"] = (1, c, 1, 1)
+  return shapes
+
+
+class LinHead(nnx.Module):
+  """LPIPS NetLinLayer: Sequential(Dropout, Conv1x1 C->1, no bias); dropout is off in eval,
+  so only the conv exists, kept at index "1" for the `lin{k}.model.1.weight` key."""
+
+  def __init__(self, channels: int, *, rngs: nnx.Rngs, random_init: bool = False):
+    # Positive random weights keep test distances meaningful (real LPIPS weights are >= 0).
+    init = jax.nn.initializers.uniform(1.0) if random_init else None
+    self.model = nnx.Dict({"1": conv(channels, 1, 1, use_bias=False, padding="VALID",
+                                     kernel_init=init, rngs=rngs)})
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.model["1"](x)
+
+
+def _unit_normalize(f: jax.Array) -> jax.Array:
+  """f / (|f|_c + eps), with a gradient of 0 (not NaN) where a location's features are all 0.
+
+  d sqrt(s)/ds is infinite at s = 0; times ds/df = 0 that is NaN in the backward pass, which
+  a dead VGG location would spread into the autoencoder's gradients. The forward value is
+  unchanged (0 / eps = 0 either way).
+  """
+  s = jnp.sum(jnp.square(f), axis=-1, keepdims=True)
+  positive = s > 0
+  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, s, 1.0)), 0.0)
+  return f / (norm + EPS)
+
+
+class LPIPS(nnx.Module):
+  """LPIPS-VGG distance. `model(x0, x1)` -> shape (B,): one distance per image pair.
+
+  Inputs are NHWC images in [-1, 1], any dtype; everything is computed in float32. Both
+  images go through VGG in one batch. Evaluation only: the reference's dropout is off.
+  """
+
+  def __init__(self, *, rngs: nnx.Rngs, random_init: bool = False):
+    # Random VGG weights use He-normal so deep activations keep their scale (tests only).
+    he = jax.nn.initializers.variance_scaling(2.0, "fan_in", "normal") if random_init else None
+    self.features = nnx.Dict({
+        str(idx): conv(cin, cout, 3, padding=((1, 1), (1, 1)), kernel_init=he, rngs=rngs)
+        for block in VGG_BLOCKS for idx, cin, cout in block})
+    for k, c in enumerate(TAP_CHANNELS):
+      setattr(self, f"lin{k}", LinHead(c, rngs=rngs, random_init=random_init))
+
+  def taps(self, x: jax.Array) -> list[jax.Array]:
+    """The five VGG16 activations (relu1_2 ... relu5_3) of images in [-1, 1]."""
+    h = (x.astype(jnp.float32) - jnp.asarray(SHIFT, jnp.float32)) / jnp.asarray(SCALE, jnp.float32)
+    out = []
+    for b, block in enumerate(VGG_BLOCKS):
+      if b:
+        h = nnx.max_pool(h, (2, 2), strides=(2, 2), padding="VALID")
+      for idx, _, _ in block:
+        h = jax.nn.relu(self.features[str(idx)](h))
+      out.append(h)
+    return out
+
+  def __call__(self, x0: jax.Array, x1: jax.Array) -> jax.Array:
+    if x0.shape != x1.shape or x0.ndim != 4 or x0.shape[-1] != 3:
+      raise ValueError(f"LPIPS needs two NHWC RGB batches of one shape, got {x0.shape} "
+                       f"and {x1.shape}")
+    batch = x0.shape[0]
+    total = jnp.zeros((batch,), jnp.float32)
+    for k, f in enumerate(self.taps(jnp.concatenate([x0, x1], axis=0))):
+      f = _unit_normalize(f)
+      diff = jnp.square(f[:batch] - f[batch:])
+      total = total + jnp.mean(getattr(self, f"lin{k}")(diff), axis=(1, 2, 3))
+    return total
+
+
+def _missing_weights_message(path) -> str:
+  where = f"LPIPS weights file {path!r} does not exist." if path else (
+      "No LPIPS weights file configured.")
+  return (f"{where} Create it once, on a machine with network access, from the torchvision "
+          "ImageNet VGG16 checkpoint (vgg16-397923af.pth) and the LPIPS v0.1 linear "
+          "weights (vgg.pth from the richzhang/PerceptualSimilarity repository):\n"
+          f"  {CONVERT_COMMAND}\n"
+          "then set config.loss.lpips_weights=PATH (or pass random_init=True in tests).")
+
+
+def load_lpips(path: str | os.PathLike) -> LPIPS:
+  """An LPIPS module with the weights of one safetensors file in the PyTorch layout."""
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  tensors = load_file(os.fspath(path))
+  model = nnx.eval_shape(lambda: LPIPS(rngs=nnx.Rngs(0)))
+  try:
+    import_state(model, tensors, os.fspath(path))
+  except StateMismatchError as e:
+    raise StateMismatchError(
+        f"{e}\nAn LPIPS weights file is made by: {CONVERT_COMMAND}") from None
+  return model
+
+
+def make_lpips(weights_path: str | os.PathLike | None, random_init: bool = False,
+               *, seed: int = 0) -> LPIPS:
+  """The loss/metric's LPIPS: real weights from `weights_path`, or random ones for tests.
+
+  Without weights LPIPS is meaningless, so a missing file is an error that says how to make
+  it, never a silent fallback to random weights.
+  """
+  if random_init:
+    return LPIPS(rngs=nnx.Rngs(seed), random_init=True)
+  if not weights_path or not os.path.exists(weights_path):
+    raise FileNotFoundError(_missing_weights_message(weights_path))
+  return load_lpips(weights_path)
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
+  """Writes a safetensors file atomically: readers never see a half-written file."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  path = os.fspath(path)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                             prefix=os.path.basename(path) + ".", suffix=".tmp")
+  os.close(fd)
+  try:
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def save_lpips(model: LPIPS, path: str | os.PathLike) -> None:
+  """Saves `model` in the layout `load_lpips` reads (and the converter writes)."""
+  write_safetensors(export_state(model), path)
