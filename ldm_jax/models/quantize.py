@@ -42,15 +42,13 @@ class VectorQuantizer(nnx.Module):
     self.embedding = nnx.Embed(
         n_embed, embed_dim, param_dtype=jnp.float32, rngs=rngs,
         embedding_init=lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound))
-    self.used = None
+    used = None if remap is None else Buffer(jnp.asarray(_load_remap(remap)))
+    self.used = used
     self.unknown_index = unknown_index
-    self.re_embed = n_embed
-    if remap is not None:
-      self.used = Buffer(jnp.asarray(_load_remap(remap)))
-      self.re_embed = int(self.used.shape[0])
-      if unknown_index == "extra":
-        self.unknown_index = self.re_embed
-        self.re_embed += 1
+    self.re_embed = n_embed if used is None else int(used.shape[0])
+    if used is not None and unknown_index == "extra":
+      self.unknown_index = self.re_embed
+      self.re_embed += 1
 
   def codebook(self) -> jax.Array:
     return self.embedding.embedding[...]
