@@ -122,10 +122,8 @@ def load_autoencoder(path: str | os.PathLike, config: Any = None):
   else:
     spec = weights.spec or infer_spec(weights.model, weights.resolution)
   model = abstract_autoencoder(spec)
-  try:
-    import_state(model, weights.model, f"{weights.source} ({weights.layout} layout)")
-  except StateMismatchError as err:
-    raise StateMismatchError(f"{err}\n{_describe_weights(weights)}") from None
+  import_state(model, weights.model, f"{weights.source} ({weights.layout} layout)",
+               hint=_describe_weights(weights))
   return model
 
 
@@ -134,7 +132,8 @@ def _describe_weights(weights: AutoencoderWeights) -> str:
     found = infer_spec(weights.model, weights.resolution)
   except (StateMismatchError, ValueError):
     return ""
-  return (f"The weights look like: kind={found.kind} ch={found.ch} ch_mult={found.ch_mult} "
+  return ("Check that the config describes the same architecture as the weights. "
+          f"The weights look like: kind={found.kind} ch={found.ch} ch_mult={found.ch_mult} "
           f"num_res_blocks={found.num_res_blocks} attn_resolutions={found.attn_resolutions} "
           f"(at resolution {found.resolution}) z_channels={found.z_channels} "
           f"embed_dim={found.embed_dim}" + (f" n_embed={found.n_embed}" if found.kind == "vq"

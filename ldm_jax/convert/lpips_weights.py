@@ -25,7 +25,8 @@ from typing import Mapping
 
 import numpy as np
 
-from ldm_jax.models.lpips import torch_shapes, write_safetensors
+from ldm_jax.convert.files import write_safetensors
+from ldm_jax.models.lpips import torch_shapes
 
 
 def _load_pth(path: str) -> dict[str, np.ndarray]:
@@ -80,7 +81,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--lin", required=True, help="LPIPS v0.1 vgg.pth")
   parser.add_argument("--out", required=True, help="output .safetensors path")
   args = parser.parse_args(argv)
-  tensors = convert(args.vgg16, args.lin, args.out)
+  try:
+    tensors = convert(args.vgg16, args.lin, args.out)
+  except (OSError, ValueError, ImportError) as e:  # a user's input problem: no traceback
+    parser.exit(1, f"error: {e}\n")
   print(f"wrote {len(tensors)} tensors to {args.out}; set config.loss.lpips_weights={args.out}",
         file=sys.stderr)
 

@@ -109,7 +109,8 @@ def export_state(model: nnx.Module) -> dict[str, np.ndarray]:
   out = {}
   for key, leaf in leaves.items():
     var = flat[leaf.path]
-    out[key] = np.ascontiguousarray(leaf.rule.to_torch(np.asarray(jax.device_get(var[...]))))
+    # np.array, not np.ascontiguousarray, which turns 0-d buffers into shape (1,).
+    out[key] = np.array(leaf.rule.to_torch(np.asarray(jax.device_get(var[...]))), order="C")
   return out
 
 
@@ -118,7 +119,7 @@ class StateMismatchError(ValueError):
 
 
 def check_state(expected: dict[str, TorchLeaf], tensors: dict[str, np.ndarray],
-                source: str) -> None:
+                source: str, hint: str = "") -> None:
   """Raises one error naming every missing, unexpected and mis-shaped tensor."""
   missing = sorted(set(expected) - set(tensors))
   unexpected = sorted(set(tensors) - set(expected))
@@ -134,15 +135,16 @@ def check_state(expected: dict[str, TorchLeaf], tensors: dict[str, np.ndarray],
     if items:
       lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20])
                    + (f", ... ({len(items) - 20} more)" if len(items) > 20 else ""))
-  lines.append("Check that the config describes the same architecture as the weights "
-               "(ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, embed_dim).")
+  if hint:
+    lines.append(hint)
   raise StateMismatchError("\n".join(lines))
 
 
-def import_state(model: nnx.Module, tensors: dict[str, np.ndarray], source: str) -> None:
+def import_state(model: nnx.Module, tensors: dict[str, np.ndarray], source: str,
+                 hint: str = "") -> None:
   """Loads a PyTorch-layout dict into `model` in place, all or nothing."""
   leaves = torch_leaves(model)
-  check_state(leaves, tensors, source)
+  check_state(leaves, tensors, source, hint)
   flat = dict(nnx.to_flat_state(nnx.state(model, SAVED_VARIABLES)))
   updates = []
   for key, leaf in leaves.items():

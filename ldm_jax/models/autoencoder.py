@@ -254,11 +254,25 @@ class Decoder(nnx.Module):
     self.norm_out = Normalize(block_in, rngs=rngs)
     self.conv_out = conv(block_in, spec.out_ch, 3, padding=PAD_1, dtype=dtype, rngs=rngs)
 
-  def __call__(self, z: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def features(self, z: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Everything before `conv_out` (the GAN's adaptive weight differentiates past it)."""
     h = self.mid(self.conv_in(z), rngs, self.remat)
     for level in reversed(self.up):
       h = level(h, rngs, self.remat)
-    return self.conv_out(swish(self.norm_out(h))).astype(jnp.float32)
+    return swish(self.norm_out(h))
+
+  def to_image(self, features: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
+    """`conv_out`, optionally with a replacement kernel; float32 output."""
+    if kernel is None:
+      return self.conv_out(features).astype(jnp.float32)
+    dtype = self.conv_out.dtype or jnp.float32
+    out = jax.lax.conv_general_dilated(
+        features.astype(dtype), kernel.astype(dtype), (1, 1), PAD_1,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return (out + self.conv_out.bias[...].astype(dtype)).astype(jnp.float32)
+
+  def __call__(self, z: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    return self.to_image(self.features(z, rngs))
 
 
 class AutoencoderKL(nnx.Module):

@@ -11,14 +11,14 @@ torchvision, `lin{k}.model.1.weight` as in LPIPS), made once by
 from __future__ import annotations
 
 import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ldm_jax.convert.torch_layout import StateMismatchError, export_state, import_state
+from ldm_jax.convert.files import write_safetensors
+from ldm_jax.convert.torch_layout import export_state, import_state
 from ldm_jax.models.layers import conv
 
 # torchvision VGG16 `features`: (index, in, out) of each 3x3 conv, ReLU after each. A 2x2
@@ -59,22 +59,21 @@ class LinHead(nnx.Module):
   """LPIPS NetLinLayer: Sequential(Dropout, Conv1x1 C->1, no bias); dropout is off in eval,
   so only the conv exists, kept at index "1" for the `lin{k}.model.1.weight` key."""
 
-  def __init__(self, channels: int, *, rngs: nnx.Rngs, random_init: bool = False):
-    # Positive random weights keep test distances meaningful (real LPIPS weights are >= 0).
-    init = jax.nn.initializers.uniform(1.0) if random_init else None
+  def __init__(self, channels: int, *, rngs: nnx.Rngs):
     self.model = nnx.Dict({"1": conv(channels, 1, 1, use_bias=False, padding="VALID",
-                                     kernel_init=init, rngs=rngs)})
+                                     rngs=rngs)})
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.model["1"](x)
 
 
-def _unit_normalize(f: jax.Array) -> jax.Array:
-  """f / (|f|_c + eps), with a gradient of 0 (not NaN) where a location's features are all 0.
+def normalize_channels(f: jax.Array) -> jax.Array:
+  """f / (|f|_c + eps), with a gradient of 0, not NaN, where a location's features are all 0.
 
-  d sqrt(s)/ds is infinite at s = 0; times ds/df = 0 that is NaN in the backward pass, which
-  a dead VGG location would spread into the autoencoder's gradients. The forward value is
-  unchanged (0 / eps = 0 either way).
+  d sqrt(s)/ds is infinite at s = 0, and 0 * inf = NaN in the backward pass. Today
+  `jax.nn.relu`'s select-based gradient happens to drop that NaN before it reaches the
+  image; a multiplicative ReLU or a rewrite of the taps would not. The forward value is the
+  reference's exactly (0 / eps = 0 either way).
   """
   s = jnp.sum(jnp.square(f), axis=-1, keepdims=True)
   positive = s > 0
@@ -87,20 +86,20 @@ class LPIPS(nnx.Module):
 
   Inputs are NHWC images in [-1, 1], any dtype; everything is computed in float32. Both
   images go through VGG in one batch. Evaluation only: the reference's dropout is off.
+  The constructor's PyTorch-default init only gives shapes; build one with `make_lpips`.
   """
 
-  def __init__(self, *, rngs: nnx.Rngs, random_init: bool = False):
-    # Random VGG weights use He-normal so deep activations keep their scale (tests only).
-    he = jax.nn.initializers.variance_scaling(2.0, "fan_in", "normal") if random_init else None
+  def __init__(self, *, rngs: nnx.Rngs):
     self.features = nnx.Dict({
-        str(idx): conv(cin, cout, 3, padding=((1, 1), (1, 1)), kernel_init=he, rngs=rngs)
+        str(idx): conv(cin, cout, 3, padding=((1, 1), (1, 1)), rngs=rngs)
         for block in VGG_BLOCKS for idx, cin, cout in block})
     for k, c in enumerate(TAP_CHANNELS):
-      setattr(self, f"lin{k}", LinHead(c, rngs=rngs, random_init=random_init))
+      setattr(self, f"lin{k}", LinHead(c, rngs=rngs))
 
   def taps(self, x: jax.Array) -> list[jax.Array]:
     """The five VGG16 activations (relu1_2 ... relu5_3) of images in [-1, 1]."""
-    h = (x.astype(jnp.float32) - jnp.asarray(SHIFT, jnp.float32)) / jnp.asarray(SCALE, jnp.float32)
+    shift, scale = jnp.asarray(SHIFT, jnp.float32), jnp.asarray(SCALE, jnp.float32)
+    h = (x.astype(jnp.float32) - shift) / scale
     out = []
     for b, block in enumerate(VGG_BLOCKS):
       if b:
@@ -117,7 +116,7 @@ class LPIPS(nnx.Module):
     batch = x0.shape[0]
     total = jnp.zeros((batch,), jnp.float32)
     for k, f in enumerate(self.taps(jnp.concatenate([x0, x1], axis=0))):
-      f = _unit_normalize(f)
+      f = normalize_channels(f)
       diff = jnp.square(f[:batch] - f[batch:])
       total = total + jnp.mean(getattr(self, f"lin{k}")(diff), axis=(1, 2, 3))
     return total
@@ -133,17 +132,33 @@ def _missing_weights_message(path) -> str:
           "then set config.loss.lpips_weights=PATH (or pass random_init=True in tests).")
 
 
+def random_state(seed: int = 0) -> dict[str, np.ndarray]:
+  """Random weights in the file layout, for tests: He-normal VGG convs keep deep activations
+  at scale, and positive heads (as the real ones are) keep distances meaningful. Drawn with
+  NumPy, which is much faster than compiling a JAX initializer per weight shape on CPU."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for key, shape in torch_shapes().items():
+    if key.startswith("lin"):
+      out[key] = rng.uniform(0.0, 1.0, shape)
+    elif key.endswith(".weight"):
+      out[key] = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
+    else:
+      out[key] = np.zeros(shape)
+  return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def lpips_from_state(tensors: dict[str, np.ndarray], source: str) -> LPIPS:
+  """An LPIPS module holding `tensors` (PyTorch layout); one error lists every mismatch."""
+  model = nnx.eval_shape(lambda: LPIPS(rngs=nnx.Rngs(0)))
+  import_state(model, tensors, source, hint=f"An LPIPS weights file is made by: {CONVERT_COMMAND}")
+  return model
+
+
 def load_lpips(path: str | os.PathLike) -> LPIPS:
   """An LPIPS module with the weights of one safetensors file in the PyTorch layout."""
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-  tensors = load_file(os.fspath(path))
-  model = nnx.eval_shape(lambda: LPIPS(rngs=nnx.Rngs(0)))
-  try:
-    import_state(model, tensors, os.fspath(path))
-  except StateMismatchError as e:
-    raise StateMismatchError(
-        f"{e}\nAn LPIPS weights file is made by: {CONVERT_COMMAND}") from None
-  return model
+  return lpips_from_state(load_file(os.fspath(path)), os.fspath(path))
 
 
 def make_lpips(weights_path: str | os.PathLike | None, random_init: bool = False,
@@ -154,26 +169,10 @@ def make_lpips(weights_path: str | os.PathLike | None, random_init: bool = False
   it, never a silent fallback to random weights.
   """
   if random_init:
-    return LPIPS(rngs=nnx.Rngs(seed), random_init=True)
+    return lpips_from_state(random_state(seed), f"random_state({seed})")
   if not weights_path or not os.path.exists(weights_path):
     raise FileNotFoundError(_missing_weights_message(weights_path))
   return load_lpips(weights_path)
-
-
-def write_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
-  """Writes a safetensors file atomically: readers never see a half-written file."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  path = os.fspath(path)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                             prefix=os.path.basename(path) + ".", suffix=".tmp")
-  os.close(fd)
-  try:
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def save_lpips(model: LPIPS, path: str | os.PathLike) -> None:

@@ -1,0 +1,198 @@
+"""The first-stage train state and its pure, jit-compiled update.
+
+One call of the step is one optimizer update of both the autoencoder ("generator") and
+the discriminator, over `accumulate_grad_batches` micro-batches scanned inside the step.
+The discriminator sees the reconstructions of the pre-update generator (the Lightning
+reference recomputes them after the generator's step, one update later).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from ldm_jax.losses.autoencoder import LossConfig, discriminator_loss, generator_loss
+from ldm_jax.models.autoencoder import AutoencoderSpec, build_autoencoder
+from ldm_jax.models.discriminator import NLayerDiscriminator
+from ldm_jax.models.distributions import DiagonalGaussian
+from ldm_jax.train.optim import ema_update
+
+sg = jax.lax.stop_gradient
+
+
+def merge(graphdef, *states):
+  """nnx.merge with fresh Variables, so modules built inside a trace may mutate them."""
+  return nnx.merge(graphdef, *states, copy=True)
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State  # trained autoencoder parameters
+  frozen: nnx.State  # autoencoder parameters held fixed (decoder-only fine-tuning)
+  rest: nnx.State  # other autoencoder variables (buffers)
+  opt_state: Any
+  disc_params: nnx.State
+  disc_rest: nnx.State  # BatchNorm statistics, ActNorm flags
+  disc_opt_state: Any
+  ema: nnx.State | None  # LitEma shadow of `params`
+  rng: jax.Array  # raw uint32 key data
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """Static structure the step needs: module graphs and optimizers."""
+
+  model_def: nnx.GraphDef
+  disc_def: nnx.GraphDef
+  lpips_def: nnx.GraphDef | None
+  tx: optax.GradientTransformation
+  disc_tx: optax.GradientTransformation
+  loss: LossConfig
+  ema_decay: float
+
+
+def trainable_filter(decoder_only: bool):
+  """Decoder-only fine-tuning trains decoder and post_quant_conv, so latents do not move."""
+  if decoder_only:
+    return nnx.All(nnx.Param, nnx.Any(nnx.PathContains("decoder"),
+                                      nnx.PathContains("post_quant_conv")))
+  return nnx.Param
+
+
+def split_model(model, decoder_only: bool):
+  return nnx.split(model, trainable_filter(decoder_only), nnx.Param, ...)
+
+
+def build_discriminator(loss: LossConfig, dtype: str, seed: int) -> NLayerDiscriminator:
+  return NLayerDiscriminator(input_nc=loss.disc_in_channels, ndf=loss.disc_ndf,
+                             n_layers=loss.disc_num_layers, use_actnorm=loss.use_actnorm,
+                             dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed + 1))
+
+
+def new_state(model, disc, programs: Programs, decoder_only: bool, seed: int) -> TrainState:
+  _, params, frozen, rest = split_model(model, decoder_only)
+  _, disc_params, disc_rest = nnx.split(disc, nnx.Param, ...)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, rest=rest,
+      opt_state=programs.tx.init(params), disc_params=disc_params, disc_rest=disc_rest,
+      disc_opt_state=programs.disc_tx.init(disc_params),
+      ema=jax.tree.map(jnp.copy, params) if programs.ema_decay > 0 else None,
+      rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def make_programs(spec: AutoencoderSpec, loss: LossConfig, tx, disc_tx, ema_decay: float,
+                  decoder_only: bool, lpips_def=None) -> Programs:
+  model_def = split_model(nnx.eval_shape(lambda: build_autoencoder(spec)), decoder_only)[0]
+  disc_def = nnx.split(nnx.eval_shape(lambda: build_discriminator(loss, spec.dtype, 0)))[0]
+  return Programs(model_def, disc_def, lpips_def, tx, disc_tx, loss, ema_decay)
+
+
+def _generator_forward(model, x: jax.Array, key: jax.Array):
+  """Decoder features before conv_out, and the regularizer (posterior or codebook loss)."""
+  if model.spec.kind == "kl":
+    posterior: DiagonalGaussian = model.encode(x)
+    z = posterior.sample(key)
+    return model.decoder.features(model.post_quant_conv(z)), posterior
+  quantized = model.quantize(model.encode(x), key)
+  return model.decoder.features(model.post_quant_conv(quantized.z_q)), quantized.loss
+
+
+def _pure_discriminator(programs: Programs, disc_params, disc_rest) -> Callable:
+  """D as a pure function for the generator's loss: batch statistics as in training, and
+  the running statistics it would update dropped (only an eval-mode D would read them)."""
+  def discriminator(image):
+    return merge(programs.disc_def, disc_params, disc_rest)(image, train=True)
+  return discriminator
+
+
+def make_train_step(programs: Programs) -> Callable:
+  """step(state, batch, lpips_state) -> (state, metrics); batch["image"] is [A, B, H, W, 3]."""
+  cfg = programs.loss
+
+  def step_fn(state: TrainState, batch: dict, lpips_state) -> tuple[TrainState, dict]:
+    lpips = (merge(programs.lpips_def, lpips_state)
+             if programs.lpips_def is not None else None)
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def micro_step(carry, inputs):
+      grads, disc_grads, disc_rest, metrics = carry
+      x, index = inputs
+      key = jax.random.fold_in(step_key, index)
+
+      def loss_fn(params):
+        model = merge(programs.model_def, params, state.frozen, state.rest)
+        features, regularizer = _generator_forward(model, x, key)
+        return generator_loss(
+            cfg, x=x, features=features, last_kernel=model.decoder.conv_out.kernel[...],
+            to_image=lambda k, f: model.decoder.to_image(f, k), regularizer=regularizer,
+            discriminator=_pure_discriminator(programs, state.disc_params, disc_rest),
+            lpips=lpips, step=state.step)
+
+      (_, (g_metrics, xrec)), g_grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+      def disc_loss_fn(disc_params):
+        disc = merge(programs.disc_def, disc_params, disc_rest)
+        logits_real = disc(sg(x), train=True)
+        logits_fake = disc(sg(xrec), train=True)
+        loss, d_metrics = discriminator_loss(cfg, logits_real, logits_fake, state.step)
+        return loss, (d_metrics, nnx.state(disc, nnx.Not(nnx.Param)))
+
+      (_, (d_metrics, disc_rest)), d_grads = jax.value_and_grad(
+          disc_loss_fn, has_aux=True)(state.disc_params)
+      add = lambda a, b: jax.tree.map(jnp.add, a, b)
+      return (add(grads, g_grads), add(disc_grads, d_grads), disc_rest,
+              add(metrics, {**g_metrics, **d_metrics})), None
+
+    images = batch["image"]
+    accumulate = images.shape[0]
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+    metrics0 = jax.eval_shape(lambda: _metric_shapes(cfg, state, programs, images[0],
+                                                     state.disc_rest, lpips))
+    carry = (zeros(state.params), zeros(state.disc_params), state.disc_rest,
+             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics0))
+    (grads, disc_grads, disc_rest, metrics), _ = jax.lax.scan(
+        micro_step, carry, (images, jnp.arange(accumulate)))
+    scale = lambda tree: jax.tree.map(lambda g: g / accumulate, tree)
+    grads, disc_grads, metrics = scale(grads), scale(disc_grads), scale(metrics)
+
+    updates, opt_state = programs.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    disc_updates, disc_opt_state = programs.disc_tx.update(
+        disc_grads, state.disc_opt_state, state.disc_params)
+    disc_params = optax.apply_updates(state.disc_params, disc_updates)
+    ema = state.ema
+    if ema is not None:
+      ema = ema_update(ema, params, programs.ema_decay, state.step + 1)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads),
+               "disc_grad_norm": optax.global_norm(disc_grads)}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              disc_params=disc_params, disc_rest=disc_rest,
+                              disc_opt_state=disc_opt_state, ema=ema)
+    return new_state, metrics
+
+  return step_fn
+
+
+def _metric_shapes(cfg, state, programs, x, disc_rest, lpips):
+  """The metric dict's structure (traced abstractly, to initialise the scan's carry)."""
+  model = merge(programs.model_def, state.params, state.frozen, state.rest)
+  discriminator = _pure_discriminator(programs, state.disc_params, disc_rest)
+  features, regularizer = _generator_forward(model, x, jax.random.key(0))
+  _, (g_metrics, xrec) = generator_loss(
+      cfg, x=x, features=features, last_kernel=model.decoder.conv_out.kernel[...],
+      to_image=lambda k, f: model.decoder.to_image(f, k), regularizer=regularizer,
+      discriminator=discriminator, lpips=lpips, step=state.step)
+  _, d_metrics = discriminator_loss(cfg, discriminator(x), discriminator(xrec), state.step)
+  return {**g_metrics, **d_metrics}
+
+
+def eval_model(programs: Programs, state: TrainState, use_ema: bool = True):
+  """The autoencoder with the weights evaluation and export should use (EMA if present)."""
+  params = state.ema if (use_ema and state.ema is not None) else state.params
+  return merge(programs.model_def, params, state.frozen, state.rest)
