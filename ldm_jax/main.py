@@ -1,0 +1,57 @@
+"""Entry point: `python -m ldm_jax.main --config=configs/kl_f8.py --workdir=DIR`.
+
+Run the same command on every host of a TPU pod or GPU cluster: multi-host runs are
+detected from the environment (Cloud TPU, SLURM) or set with the --coordinator_address,
+--num_processes and --process_id flags (see launch/).
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A config file, e.g. configs/kl_f8.py or configs/kl_f8.py:demo.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs, images and exports.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _cluster_environment() -> bool:
+  """True where jax.distributed.initialize() can find its peers by itself."""
+  if os.environ.get("SLURM_NTASKS", "1") not in ("", "1"):
+    return True
+  return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
+
+
+def initialize_distributed() -> None:
+  import jax
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  elif _cluster_environment():
+    jax.distributed.initialize()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  initialize_distributed()
+  import jax
+  logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  from ldm_jax.train.autoencoder_trainer import train_and_evaluate
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

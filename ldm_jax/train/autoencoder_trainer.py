@@ -1,0 +1,329 @@
+"""First-stage training: `train_and_evaluate(config, workdir)`.
+
+Everything that can be wrong with the config, the data or the weights is checked before
+anything is compiled. The loop resumes from the newest checkpoint in `workdir`, saves one
+when it receives SIGTERM (preemption), evaluates on the held-out split, and exports the
+(EMA) weights for PyTorch at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from clu import metric_writers, metrics as clu_metrics, periodic_actions
+from flax import nnx
+
+from ldm_jax.convert import load_autoencoder, save_autoencoder
+from ldm_jax.data.pipeline import eval_batches, skipped_records, train_iterator
+from ldm_jax.data.sources import check_data
+from ldm_jax.eval import metrics as image_metrics
+from ldm_jax.losses.autoencoder import LossConfig
+from ldm_jax.models.autoencoder import AutoencoderSpec, build_autoencoder
+from ldm_jax.models.lpips import make_lpips
+from ldm_jax.train import autoencoder_step as step_lib
+from ldm_jax.train import checkpoint, mesh as mesh_lib
+from ldm_jax.train.images import save_grid
+from ldm_jax.train.optim import adam, learning_rate
+
+KNOWN_KEYS = {
+    "optim": {"base_learning_rate", "scale_lr", "accumulate_grad_batches", "b1", "b2",
+              "grad_clip_norm", "ema_decay"},
+    "train": {"num_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "seed",
+              "decoder_only", "init_from", "mesh", "export_format", "eval_examples"},
+}
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from the config before the loop starts."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  spec: AutoencoderSpec
+  loss: LossConfig
+  mesh: Any
+  programs: step_lib.Programs
+  lpips_state: Any
+  eval_lpips: Any
+  global_batch: int
+  accumulate: int
+
+
+def check_config(config: ml_collections.ConfigDict) -> tuple[AutoencoderSpec, LossConfig]:
+  """Fails with a clear message on unknown keys or inconsistent values."""
+  for block, known in KNOWN_KEYS.items():
+    unknown = sorted(set(config[block].keys()) - known)
+    if unknown:
+      raise ValueError(f"unknown config keys {block}.{unknown}; valid: {sorted(known)}")
+  spec = AutoencoderSpec.from_config(config.model)
+  loss = LossConfig.from_config(config.loss)
+  if config.data.image_size % spec.downsample_factor:
+    raise ValueError(f"data.image_size={config.data.image_size} is not divisible by the "
+                     f"model's downsampling factor {spec.downsample_factor}")
+  if config.optim.accumulate_grad_batches < 1:
+    raise ValueError("optim.accumulate_grad_batches must be >= 1")
+  if config.train.decoder_only and not config.train.init_from:
+    raise ValueError("train.decoder_only fine-tunes a trained decoder: set "
+                     "train.init_from to the autoencoder weights to start from")
+  return spec, loss
+
+
+def build_programs(config: ml_collections.ConfigDict, lpips_def=None):
+  """The model spec and the step's static programs (no weights, no data)."""
+  spec, loss = check_config(config)
+  lr = learning_rate(config.optim, int(config.data.batch_size))
+  programs = step_lib.make_programs(
+      spec, loss, adam(config.optim, lr), adam(config.optim, lr),
+      float(config.optim.ema_decay), bool(config.train.decoder_only), lpips_def)
+  return spec, programs
+
+
+def abstract_state(config, spec, programs) -> step_lib.TrainState:
+  """The train state's shapes and dtypes, without computing anything."""
+  loss = programs.loss
+  return jax.eval_shape(lambda: step_lib.new_state(
+      build_autoencoder(spec), step_lib.build_discriminator(loss, spec.dtype, 0), programs,
+      bool(config.train.decoder_only), 0))
+
+
+def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  spec, loss = check_config(config)
+  mesh = mesh_lib.make_mesh(config.train.mesh)
+  global_batch = int(config.data.batch_size)
+  mesh_lib.check_batch(global_batch, mesh)
+  check_data(config.data)
+  lpips_model = None
+  if loss.perceptual_weight > 0:
+    lpips_model = make_lpips(loss.lpips_weights, loss.lpips_random_init)
+  elif loss.lpips_weights:
+    lpips_model = make_lpips(loss.lpips_weights)  # for the validation metric only
+  logging.info("learning rate %.3g (base %.3g, scale_lr=%s)",
+               learning_rate(config.optim, global_batch), config.optim.base_learning_rate,
+               config.optim.scale_lr)
+  lpips_def, lpips_state = (nnx.split(lpips_model) if lpips_model is not None
+                            else (None, None))
+  use_lpips_loss = loss.perceptual_weight > 0
+  _, programs = build_programs(config, lpips_def if use_lpips_loss else None)
+  return Run(config, workdir, spec, loss, mesh, programs,
+             lpips_state if use_lpips_loss else None, lpips_model, global_batch,
+             int(config.optim.accumulate_grad_batches))
+
+
+def initial_state(run: Run) -> step_lib.TrainState:
+  seed = int(run.config.train.seed)
+  if run.config.train.init_from:
+    model = load_autoencoder(run.config.train.init_from, run.spec)
+  else:
+    model = build_autoencoder(run.spec, nnx.Rngs(seed))
+  disc = step_lib.build_discriminator(run.loss, run.spec.dtype, seed)
+  return step_lib.new_state(model, disc, run.programs, bool(run.config.train.decoder_only),
+                            seed)
+
+
+class PreemptionFlag:
+  """Set by SIGTERM; every host agrees on it before acting."""
+
+  def __init__(self):
+    self._flag = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint at the current step and exiting")
+    self._flag = True
+
+  def requested(self) -> bool:
+    if jax.process_count() == 1:
+      return self._flag
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.process_allgather(np.asarray(self._flag)).any())
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _next_update_batch(iterator, accumulate: int, sharding, global_shape) -> dict:
+  local = np.stack([next(iterator)["image"] for _ in range(accumulate)])
+  return {"image": jax.make_array_from_process_local_data(sharding, local, global_shape)}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) until config.train.num_steps; returns the last validation metrics."""
+  run = build_run(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  state = initial_state(run)
+  shardings = mesh_lib.state_shardings(run.mesh, state)
+  state = jax.device_put(state, shardings)
+  iterator = train_iterator(config.data, global_batch_size=run.global_batch,
+                            seed=int(config.data.seed))
+  manager = checkpoint.make_manager(workdir, int(config.train.keep_checkpoints))
+  latest = manager.latest_step()
+  if latest is not None:
+    logging.info("resuming from the checkpoint at step %d", latest)
+    state = checkpoint.restore(manager, latest, checkpoint.abstract_with_shardings(
+        state, shardings), iterator)
+
+  replicated = mesh_lib.replicated(run.mesh)
+  batch_sharding = mesh_lib.batch_sharding(run.mesh, leading_dims=1)
+  size = int(config.data.image_size)
+  global_shape = (run.accumulate, run.global_batch, size, size, 3)
+  lpips_sharding = jax.tree.map(lambda _: replicated, run.lpips_state)
+  train_step = jax.jit(step_lib.make_train_step(run.programs),
+                       in_shardings=(shardings, {"image": batch_sharding}, lpips_sharding),
+                       out_shardings=(shardings, replicated), donate_argnums=(0,))
+  evaluator = Evaluator(run, shardings)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  num_steps = int(config.train.num_steps)
+  progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                             every_steps=int(config.train.log_every))
+  preemption = PreemptionFlag()
+  step = int(jax.device_get(state.step))
+  first_step = step
+  totals, count, t_log, last_eval = None, 0, time.time(), {}
+  if step == 0:
+    last_eval = evaluator(state, step, writer)
+  try:
+    while step < num_steps:
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = _next_update_batch(iterator, run.accumulate, batch_sharding, global_shape)
+        state, step_metrics = train_step(state, batch, run.lpips_state)
+      step += 1
+      totals = step_metrics if totals is None else jax.tree.map(jnp.add, totals, step_metrics)
+      count += 1
+      progress(step)
+      if step % int(config.train.log_every) == 0 or step == num_steps:
+        scalars = {f"train/{k}": float(v) / count for k, v in jax.device_get(totals).items()}
+        elapsed = time.time() - t_log
+        scalars["train/learning_rate"] = learning_rate(config.optim, run.global_batch)
+        scalars["data/skipped_records"] = skipped_records()
+        writer.write_scalars(step, scalars)
+        _console_line(step, num_steps, count / elapsed,
+                      count * run.global_batch * run.accumulate / elapsed, scalars)
+        totals, count, t_log = None, 0, time.time()
+      if step % int(config.train.eval_every) == 0 or step == num_steps:
+        last_eval = evaluator(state, step, writer)
+      if step % int(config.train.ckpt_every) == 0 or step == num_steps:
+        checkpoint.save(manager, step, state, iterator)
+      if preemption.requested():
+        checkpoint.save(manager, step, state, iterator, force=True)
+        manager.wait_until_finished()
+        logging.warning("preempted: checkpoint saved at step %d; rerun the same command to "
+                        "resume", step)
+        return last_eval
+  finally:
+    preemption.restore()
+    manager.wait_until_finished()
+    writer.flush()
+  if step > first_step or not os.path.exists(export_path(workdir, config)):
+    export(run, state, workdir)
+  return last_eval
+
+
+def _console_line(step, num_steps, steps_per_s, images_per_s, scalars):
+  eta = (num_steps - step) / max(steps_per_s, 1e-9)
+  loss_keys = ("total_loss", "rec_loss", "kl_loss", "quant_loss", "g_loss", "disc_loss")
+  losses = " ".join(f"{k}={scalars[f'train/{k}']:.4g}" for k in loss_keys
+                    if f"train/{k}" in scalars)
+  logging.info("step %d/%d | %.2f steps/s | %.1f img/s | ETA %s | %s", step, num_steps,
+               steps_per_s, images_per_s, time.strftime("%H:%M:%S", time.gmtime(eta)), losses)
+
+
+def export_path(workdir: str, config) -> str:
+  fmt = config.train.export_format
+  return os.path.join(workdir, "export", "autoencoder" + (".safetensors" if fmt == "compvis"
+                                                         else ""))
+
+
+def export(run: Run, state: step_lib.TrainState, workdir: str) -> str | None:
+  """Writes the EMA (else the trained) weights for PyTorch; returns the path."""
+  if jax.process_index() != 0:
+    return None
+  model = step_lib.eval_model(run.programs, jax.device_get(state))
+  path = export_path(workdir, run.config)
+  save_autoencoder(model, path, format=run.config.train.export_format)
+  logging.info("exported %s weights to %s", run.config.train.export_format, path)
+  return path
+
+
+class Evaluator:
+  """Validation PSNR / SSIM (/ LPIPS) with mean and std over images, plus image grids."""
+
+  def __init__(self, run: Run, shardings):
+    self.run = run
+    config = run.config
+    examples = int(config.train.get("eval_examples", 64))
+    self.batches = list(eval_batches(config.data, config.data.val_split,
+                                     batch_size=run.global_batch, max_examples=examples))
+    if not self.batches:
+      raise ValueError(f"the validation split {config.data.val_split!r} is empty")
+    self.collection = clu_metrics.Collection.create(
+        psnr=clu_metrics.Average.from_output("psnr"), psnr_std=clu_metrics.Std.from_output("psnr"),
+        ssim=clu_metrics.Average.from_output("ssim"), ssim_std=clu_metrics.Std.from_output("ssim"),
+        lpips=clu_metrics.Average.from_output("lpips"),
+        lpips_std=clu_metrics.Std.from_output("lpips"))
+    lpips_model = run.eval_lpips
+    programs = run.programs
+    kind = run.spec.kind
+
+    def reconstruct(state, x, key):
+      model = step_lib.eval_model(programs, state)
+      if kind == "kl":
+        posterior = model.encode(x)
+        xrec = model.decode(posterior.mode())
+        sample = model.decode(posterior.sample(key))
+      else:
+        xrec = model.decode(model.encode(x))
+        sample = xrec
+      out = {"psnr": image_metrics.psnr(x, xrec), "ssim": image_metrics.ssim(x, xrec),
+             "lpips": (lpips_model(x, xrec) if lpips_model is not None
+                       else jnp.zeros((x.shape[0],)))}
+      return xrec, sample, out
+
+    self.reconstruct = jax.jit(reconstruct)
+
+  def __call__(self, state, step: int, writer) -> dict:
+    collection = None
+    grid = None
+    for i, batch in enumerate(self.batches):
+      x = jnp.asarray(batch["image"])
+      xrec, sample, values = self.reconstruct(state, x, jax.random.key(i))
+      mask = jnp.asarray(batch.get("mask", np.ones(x.shape[0], bool)))
+      update = self.collection.single_from_model_output(mask=mask, **values)
+      collection = update if collection is None else collection.merge(update)
+      if i == 0:
+        grid = np.concatenate([np.asarray(x), np.asarray(xrec)]
+                              + ([np.asarray(sample)] if self.run.spec.kind == "kl" else []),
+                              axis=2)  # input | reconstruction | posterior sample
+    result = {k: float(v) for k, v in collection.compute().items()}
+    if self.run.eval_lpips is None:
+      result = {k: v for k, v in result.items() if not k.startswith("lpips")}
+    writer.write_scalars(step, {f"val/{k}": v for k, v in result.items()})
+    if jax.process_index() == 0:
+      writer.write_images(step, {"val/input_reconstruction_sample": _tile(grid)[None]})
+      save_grid(_tile(grid), os.path.join(self.run.workdir, "images", f"val_{step:07d}.png"))
+    logging.info("validation at step %d: %s", step,
+                 " ".join(f"{k}={v:.4f}" for k, v in result.items()))
+    with open(os.path.join(self.run.workdir, "val_metrics.jsonl"), "a") as f:
+      f.write(json.dumps({"step": step, **result}) + "\n")
+    return result
+
+
+def _tile(rows: np.ndarray, max_rows: int = 8) -> np.ndarray:
+  """[B, H, W', 3] in [-1, 1] -> one uint8 image with the rows stacked."""
+  rows = rows[:max_rows]
+  image = np.concatenate(list(rows), axis=0)
+  return np.clip((image + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)

@@ -1,0 +1,57 @@
+"""Orbax checkpoints of a run: the train state and the data iterator, saved together.
+
+Saving is asynchronous: the step loop goes on while orbax writes, and a checkpoint
+directory only becomes visible once complete, so a run killed mid-save resumes from the
+previous one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from ldm_jax.data.pipeline import iterator_restore_args, iterator_save_args
+
+
+def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                         create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               item_names=("state", "data"), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator,
+         force: bool = False) -> bool:
+  return manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=iterator_save_args(data_iterator)),
+      force=force)
+
+
+def abstract_with_shardings(state: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, shardings)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+            data_iterator=None) -> Any:
+  """The state saved at `step` laid out as `abstract_state`; the iterator is set in place."""
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  if data_iterator is not None:
+    items["data"] = iterator_restore_args(data_iterator)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored["state"]
+
+
+def restore_state_only(workdir: str, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
+  """For export and evaluation: the newest (or given) state, without the data pipeline."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  with ocp.CheckpointManager(directory, item_names=("state", "data")) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}; train first, or check --workdir")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+  return restored["state"], step
