@@ -31,7 +31,7 @@ def export_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: bool
   from ldm_jax.convert import save_autoencoder
   from ldm_jax.train import autoencoder_step as step_lib
   from ldm_jax.train import checkpoint
-  from ldm_jax.train.autoencoder_trainer import abstract_state, build_programs
+  from ldm_jax.train.autoencoder_setup import abstract_state, build_programs
 
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):

@@ -1,0 +1,61 @@
+"""What a first-stage run is, from its config alone: checks, spec, programs, state shapes.
+
+Kept apart from the trainer so that export, benchmarks and tests build the same step
+without touching data, checkpoints or logging.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from ldm_jax.losses.autoencoder import LossConfig
+from ldm_jax.models.autoencoder import AutoencoderSpec, build_autoencoder
+from ldm_jax.train import autoencoder_step as step_lib
+from ldm_jax.train.optim import adam, learning_rate
+
+KNOWN_KEYS = {
+    "optim": {"base_learning_rate", "scale_lr", "accumulate_grad_batches", "b1", "b2",
+              "grad_clip_norm", "ema_decay"},
+    "train": {"num_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "seed",
+              "decoder_only", "init_from", "mesh", "export_format", "eval_examples"},
+}
+
+
+def check_config(config: ml_collections.ConfigDict) -> tuple[AutoencoderSpec, LossConfig]:
+  """Fails with a clear message on unknown keys or inconsistent values."""
+  for block, known in KNOWN_KEYS.items():
+    unknown = sorted(set(config[block].keys()) - known)
+    if unknown:
+      raise ValueError(f"unknown config keys {block}.{unknown}; valid: {sorted(known)}")
+  spec = AutoencoderSpec.from_config(config.model)
+  loss = LossConfig.from_config(config.loss)
+  if config.data.image_size % spec.downsample_factor:
+    raise ValueError(f"data.image_size={config.data.image_size} is not divisible by the "
+                     f"model's downsampling factor {spec.downsample_factor}")
+  if config.optim.accumulate_grad_batches < 1:
+    raise ValueError("optim.accumulate_grad_batches must be >= 1")
+  if config.train.decoder_only and not config.train.init_from:
+    raise ValueError("train.decoder_only fine-tunes a trained decoder: set "
+                     "train.init_from to the autoencoder weights to start from")
+  return spec, loss
+
+
+def build_programs(config: ml_collections.ConfigDict, lpips_def=None):
+  """The model spec and the step's static programs (no weights, no data)."""
+  spec, loss = check_config(config)
+  lr = learning_rate(config.optim, int(config.data.batch_size))
+  programs = step_lib.make_programs(
+      spec, loss, adam(config.optim, lr), adam(config.optim, lr),
+      float(config.optim.ema_decay), bool(config.train.decoder_only), lpips_def)
+  return spec, programs
+
+
+def abstract_state(config, spec, programs) -> step_lib.TrainState:
+  """The train state's shapes and dtypes, without computing anything."""
+  loss = programs.loss
+  return jax.eval_shape(lambda: step_lib.new_state(
+      build_autoencoder(spec), step_lib.build_discriminator(loss, spec.dtype, 0), programs,
+      bool(config.train.decoder_only), 0))
+
+
