@@ -183,10 +183,10 @@ class Mid(nnx.Module):
 
 def _run(block: nnx.Module, x: jax.Array, rngs, remat: bool) -> jax.Array:
   """Calls a block, rematerialized in the backward pass when asked."""
-  call = (lambda m, h: m(h, rngs)) if isinstance(block, ResnetBlock) else (lambda m, h: m(h))
-  if remat:
-    return nnx.remat(call)(block, x)
-  return call(block, x)
+  if not isinstance(block, ResnetBlock):
+    return nnx.remat(lambda m, h: m(h))(block, x) if remat else block(x)
+  # rngs goes in as an argument: a closure would mutate it from inside the remat trace.
+  return nnx.remat(lambda m, h, r: m(h, r))(block, x, rngs) if remat else block(x, rngs)
 
 
 def _attn_levels(spec: AutoencoderSpec) -> list[bool]:
@@ -337,7 +337,7 @@ class VQModel(nnx.Module):
   def decode(self, h: jax.Array, force_not_quantize: bool = False,
              rngs: nnx.Rngs | None = None) -> jax.Array:
     if not force_not_quantize:
-      h = self.quantize(h).z_q
+      h = self.quantize(h, remap=False).z_q
     return self.decoder(self.post_quant_conv(h), rngs)
 
   def decode_code(self, indices: jax.Array) -> jax.Array:

@@ -61,8 +61,10 @@ class VectorQuantizer(nnx.Module):
             - 2.0 * jnp.matmul(flat, codes.T, precision=jax.lax.Precision.HIGHEST))
     return jnp.argmin(dist, axis=1).reshape(z.shape[:-1])
 
-  def __call__(self, z: jax.Array, key: jax.Array | None = None) -> Quantized:
-    """Quantizes `z`; `key` is needed only for remap with unknown_index="random"."""
+  def __call__(self, z: jax.Array, key: jax.Array | None = None,
+               remap: bool = True) -> Quantized:
+    """Quantizes `z`. With a remap, indices are renumbered unless `remap=False` (decoding
+    needs only z_q); `key` is needed for remapping with unknown_index="random"."""
     z = z.astype(jnp.float32)
     indices = self.nearest_codes(z)
     z_q = jnp.take(self.codebook(), indices, axis=0)
@@ -74,7 +76,7 @@ class VectorQuantizer(nnx.Module):
     else:
       loss = self.beta * commit_term + codebook_term
     z_q = z + sg(z_q - z)
-    if self.used is not None:
+    if self.used is not None and remap:
       indices = self.remap_to_used(indices, key)
     return Quantized(z_q, loss, indices)
 
