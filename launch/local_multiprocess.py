@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 
 def launch(num_processes: int, args: list[str], devices_per_process: int = 1,
-           module: str = "ldm_jax.main", env: dict | None = None,
+           program: tuple[str, ...] = ("-m", "ldm_jax.main"), env: dict | None = None,
            timeout: float | None = None) -> list[subprocess.CompletedProcess]:
   """Starts the processes, waits for all, and returns their results (output captured)."""
   port = _free_port()
@@ -35,7 +35,7 @@ def launch(num_processes: int, args: list[str], devices_per_process: int = 1,
                            f" --xla_force_host_platform_device_count={devices_per_process}")
   procs = []
   for i in range(num_processes):
-    cmd = [sys.executable, "-m", module, f"--coordinator_address=127.0.0.1:{port}",
+    cmd = [sys.executable, *program, f"--coordinator_address=127.0.0.1:{port}",
            f"--num_processes={num_processes}", f"--process_id={i}", *args]
     procs.append(subprocess.Popen(cmd, env=base_env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
