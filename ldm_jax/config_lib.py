@@ -37,7 +37,8 @@ def autoencoder_config(*, kind: str, embed_dim: int, z_channels: int, ch_mult: t
                       b1=0.5, b2=0.9, grad_clip_norm=0.0, ema_decay=0.0)
   config.data = dict(source="builtin", path="", split="train", val_split="validation",
                      image_size=256, batch_size=batch_size, random_crop=True, random_flip=True,
-                     num_workers=0, seed=0)
+                     num_workers=0, read_threads=8, seed=0, val_fraction=0.05, data_dir="",
+                     image_key="image")
   config.train = dict(num_steps=1_000_000, log_every=100, eval_every=5000, ckpt_every=5000,
                       keep_checkpoints=3, seed=0, decoder_only=False, init_from="",
                       mesh=dict(data=-1, fsdp=1), export_format="diffusers")

@@ -24,6 +24,16 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries:
+  """Keeps orbax's and grain's per-save INFO chatter out of the console (warnings stay)."""
+
+  NOISY = ("/orbax/", "/grain/", "/clu/")
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.WARNING or not any(
+        part in record.pathname for part in self.NOISY)
+
+
 def _cluster_environment() -> bool:
   """True where jax.distributed.initialize() can find its peers by itself."""
   if os.environ.get("SLURM_NTASKS", "1") not in ("", "1"):
@@ -44,6 +54,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
   initialize_distributed()
   import jax
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),

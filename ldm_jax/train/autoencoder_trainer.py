@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 from clu import metric_writers, metrics as clu_metrics, periodic_actions
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from ldm_jax.convert import load_autoencoder, save_autoencoder
 from ldm_jax.data.pipeline import eval_batches, skipped_records, train_iterator
@@ -140,7 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_step = jax.jit(step_lib.make_train_step(run.programs),
                        in_shardings=(shardings, {"image": batch_sharding}, lpips_sharding),
                        out_shardings=(shardings, replicated), donate_argnums=(0,))
-  evaluator = Evaluator(run, shardings)
+  evaluator = Evaluator(run)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   num_steps = int(config.train.num_steps)
@@ -215,22 +216,26 @@ def export(run: Run, state: step_lib.TrainState, workdir: str) -> str | None:
   return path
 
 
+METRICS = ("psnr", "ssim", "lpips")
+
+
 class Evaluator:
   """Validation PSNR / SSIM (/ LPIPS) with mean and std over images, plus image grids."""
 
-  def __init__(self, run: Run, shardings):
+  def __init__(self, run: Run):
     self.run = run
+    self.sharding = mesh_lib.batch_sharding(run.mesh)
     config = run.config
     examples = int(config.train.get("eval_examples", 64))
     self.batches = list(eval_batches(config.data, config.data.val_split,
                                      batch_size=run.global_batch, max_examples=examples))
     if not self.batches:
       raise ValueError(f"the validation split {config.data.val_split!r} is empty")
-    self.collection = clu_metrics.Collection.create(
-        psnr=clu_metrics.Average.from_output("psnr"), psnr_std=clu_metrics.Std.from_output("psnr"),
-        ssim=clu_metrics.Average.from_output("ssim"), ssim_std=clu_metrics.Std.from_output("ssim"),
-        lpips=clu_metrics.Average.from_output("lpips"),
-        lpips_std=clu_metrics.Std.from_output("lpips"))
+    # Means of x and x^2 give the std over images; clu 0.0.12's own Std calls
+    # jnp.clip(a_min=...), which jax 0.10 removed.
+    self.collection = clu_metrics.Collection.create(**{
+        f"{name}{suffix}": clu_metrics.Average.from_output(f"{name}{suffix}")
+        for name in METRICS for suffix in ("", "_sq")})
     lpips_model = run.eval_lpips
     programs = run.programs
     kind = run.spec.kind
@@ -255,16 +260,20 @@ class Evaluator:
     collection = None
     grid = None
     for i, batch in enumerate(self.batches):
-      x = jnp.asarray(batch["image"])
+      x, mask = (jax.make_array_from_process_local_data(self.sharding, batch[k])
+                 for k in ("image", "mask"))
       xrec, sample, values = self.reconstruct(state, x, jax.random.key(i))
-      mask = jnp.asarray(batch.get("mask", np.ones(x.shape[0], bool)))
+      values = {**values, **{f"{k}_sq": v**2 for k, v in values.items()}}
       update = self.collection.single_from_model_output(mask=mask, **values)
       collection = update if collection is None else collection.merge(update)
-      if i == 0:
-        grid = np.concatenate([np.asarray(x), np.asarray(xrec)]
-                              + ([np.asarray(sample)] if self.run.spec.kind == "kl" else []),
-                              axis=2)  # input | reconstruction | posterior sample
-    result = {k: float(v) for k, v in collection.compute().items()}
+      if i == 0:  # input | reconstruction | posterior sample
+        shown = [x, xrec] + ([sample] if self.run.spec.kind == "kl" else [])
+        grid = np.concatenate(multihost_utils.process_allgather(shown, tiled=True), axis=2)
+    averages = {k: float(v) for k, v in collection.compute().items()}
+    result = {}
+    for name in METRICS:
+      result[name] = averages[name]
+      result[f"{name}_std"] = float(np.sqrt(max(averages[f"{name}_sq"] - averages[name]**2, 0)))
     if self.run.eval_lpips is None:
       result = {k: v for k, v in result.items() if not k.startswith("lpips")}
     writer.write_scalars(step, {f"val/{k}": v for k, v in result.items()})

@@ -1,0 +1,273 @@
+"""grain pipelines for first-stage training: an endless checkpointable stream and a finite eval pass.
+
+`config.data` keys read here (sources.py lists the ones that choose the data):
+  image_size    output side; the shorter side is resized to it, then cropped square
+  random_crop   train: random square crop (else center crop)
+  random_flip   train: horizontal flip with probability 1/2
+  num_workers   grain worker processes for the training stream (0: decode in threads of
+                the training process)
+  read_threads  threads that read and decode records ahead of use (default 8)
+  seed          picks the shuffle order and the augmentations
+
+Determinism: the shuffle order and each example's crop and flip are functions of the seed,
+the host and the example's position in the stream (grain's `shuffle` / `random_map`), so a
+restored iterator produces the batches an uninterrupted run would have produced. The
+stream is only reproducible for the same `num_workers` and number of hosts.
+
+Undecodable records: the decode step logs the file once per process and returns None,
+grain's marker for a dropped element. A pass right after (in the worker, when there are
+workers) drops them and writes how many it dropped into the next example. The count rides
+along in the batch to the training process, which adds it up for `skipped_records()` and
+removes it from the batch, so counts from worker processes are not lost. The count is per
+process and restarts at 0 when the process restarts.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+
+from ldm_jax.data import images
+from ldm_jax.data.sources import make_source
+
+_SKIPPED = "skipped"
+_lock = threading.Lock()
+_skipped = 0
+_warned: set[str] = set()
+
+
+def skipped_records() -> int:
+  """Undecodable records dropped so far by this process's pipelines (train and eval)."""
+  return _skipped
+
+
+def _add_skipped(count: int) -> None:
+  global _skipped
+  if count:
+    with _lock:
+      _skipped += int(count)
+
+
+def _warn_once(name: str, error: Exception) -> None:
+  with _lock:
+    if name in _warned:
+      return
+    _warned.add(name)
+  logging.warning("skipping undecodable image %s (%s: %s)", name, type(error).__name__, error)
+
+
+class Decode(grain.transforms.MapWithIndex):
+  """Record -> {"image": uint8 [H, W, 3], shorter side image_size}, or None if undecodable.
+
+  Runs on source indices (before shuffling), so a warning names the file or the record.
+  """
+
+  def __init__(self, image_size: int, label: str, image_key: str = "image"):
+    self.image_size = image_size
+    self.label = label
+    self.image_key = image_key
+
+  def decode(self, index: int, record: Any) -> np.ndarray | None:
+    try:
+      return images.decode_resized(record, self.image_size, self.image_key)
+    except Exception as e:  # pylint: disable=broad-except  # PIL raises many kinds
+      _warn_once(record if isinstance(record, str) else f"{self.label} record {index}", e)
+      return None
+
+  def map_with_index(self, index: int, element: Any) -> dict | None:
+    pixels = self.decode(index, element)
+    return None if pixels is None else {"image": pixels}
+
+
+class DecodeOrBlank(Decode):
+  """For evaluation: an undecodable record becomes a masked-out blank example."""
+
+  def map_with_index(self, index: int, element: Any) -> dict:
+    pixels = self.decode(index, element)
+    if pixels is None:
+      return blank(self.image_size, skipped=1)
+    crop = images.center_crop(pixels, self.image_size)
+    return {"image": images.to_float(crop), "mask": np.True_, _SKIPPED: np.int32(0)}
+
+
+def blank(image_size: int, skipped: int = 0) -> dict:
+  return {"image": np.zeros((image_size, image_size, 3), np.float32), "mask": np.False_,
+          _SKIPPED: np.int32(skipped)}
+
+
+class Augment(grain.transforms.RandomMap):
+  """Square crop (random or center), optional horizontal flip, to float32 in [-1, 1]."""
+
+  def __init__(self, image_size: int, random_crop: bool, random_flip: bool):
+    self.image_size = image_size
+    self.random_crop = random_crop
+    self.random_flip = random_flip
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    pixels = element["image"]
+    if self.random_crop:
+      pixels = images.random_crop(pixels, self.image_size, rng)
+    else:
+      pixels = images.center_crop(pixels, self.image_size)
+    if self.random_flip and rng.random() < 0.5:
+      pixels = pixels[:, ::-1]
+    return {"image": images.to_float(pixels)}
+
+
+class DropUndecodable(grain.IterDataset):
+  """Drops None elements and records in the next element how many were dropped.
+
+  `limit` bounds a run of consecutive drops: an endless stream whose records all fail to
+  decode would otherwise spin forever instead of failing.
+  """
+
+  def __init__(self, parent: grain.IterDataset, limit: int):
+    super().__init__(parent)
+    self.limit = limit
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _DropUndecodableIterator(self._parent.__iter__(), self.limit)
+
+
+class _DropUndecodableIterator(grain.DatasetIterator):
+  """Stateless beyond its parent: between two outputs nothing is pending."""
+
+  def __init__(self, parent: grain.DatasetIterator, limit: int):
+    super().__init__(parent)
+    self._limit = limit
+
+  def __next__(self) -> dict:
+    dropped = 0
+    while True:
+      element = next(self._parent)
+      if element is not None:
+        return {**element, _SKIPPED: np.int32(dropped)}
+      dropped += 1
+      if dropped >= self._limit:
+        raise RuntimeError(f"{dropped} records in a row could not be decoded; the data holds "
+                           f"no readable images (see the warnings above)")
+
+  def get_state(self) -> dict:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state)
+
+
+class CountSkipped(grain.transforms.Map):
+  """In the consuming process: moves the batch's drop counts into `skipped_records()`."""
+
+  def map(self, batch: dict) -> dict:
+    batch = dict(batch)
+    _add_skipped(np.sum(batch.pop(_SKIPPED)))
+    return batch
+
+
+def _hosts(process_index: int | None, process_count: int | None) -> grain.sharding.ShardOptions:
+  if process_index is None or process_count is None:
+    import jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  return grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count)
+
+
+def _local_batch(batch_size: int, hosts: grain.sharding.ShardOptions) -> int:
+  if batch_size <= 0 or batch_size % hosts.shard_count:
+    raise ValueError(f"the global batch size {batch_size} must be a positive multiple of the "
+                     f"number of processes ({hosts.shard_count})")
+  return batch_size // hosts.shard_count
+
+
+def _read_options(data_config, local_batch: int) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=int(data_config.get("read_threads", 8)),
+                           prefetch_buffer_size=max(2 * local_batch, 16))
+
+
+def train_iterator(data_config, *, global_batch_size: int, seed: int,
+                   process_index: int | None = None,
+                   process_count: int | None = None) -> grain.DatasetIterator:
+  """Endless shuffled batches {"image": float32 [b, S, S, 3]} of this host's shard.
+
+  b = global_batch_size // process_count; process index and count default to JAX's. Hosts
+  take disjoint strided shards of the split (record i goes to host i % process_count);
+  each host shuffles its shard anew every epoch and batches across epoch boundaries, so
+  no epoch is ever too small for a batch. The returned grain iterator has
+  get_state()/set_state(); `iterator_save_args` / `iterator_restore_args` put it in an
+  orbax checkpoint.
+  """
+  hosts = _hosts(process_index, process_count)
+  local_batch = _local_batch(global_batch_size, hosts)
+  source = make_source(data_config, data_config.split)
+  size = int(data_config.image_size)
+  ds = grain.MapDataset.source(source).map_with_index(
+      Decode(size, source.label, data_config.get("image_key", "image")))
+  ds = ds[hosts.shard_index::hosts.shard_count]
+  if not len(ds):
+    raise ValueError(f"{source.label} has no records for process {hosts.shard_index} of "
+                     f"{hosts.shard_count}; run check_data(config.data) first")
+  shard_size = len(ds)
+  shuffle_seed, augment_seed = np.random.SeedSequence(
+      [seed, hosts.shard_index]).generate_state(2)
+  ds = ds.shuffle(seed=int(shuffle_seed)).repeat()
+  ds = ds.random_map(Augment(size, bool(data_config.random_crop), bool(data_config.random_flip)),
+                     seed=int(augment_seed))
+  it = ds.to_iter_dataset(_read_options(data_config, local_batch), allow_nones=True)
+  # Any window of two epochs holds every record, so this many drops in a row means none
+  # decodes.
+  it = DropUndecodable(it, limit=2 * shard_size + 1)
+  it = it.batch(local_batch, drop_remainder=True)
+  workers = int(data_config.get("num_workers", 0))
+  if workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return iter(it.map(CountSkipped()))
+
+
+def eval_batches(data_config, split: str, *, batch_size: int, max_examples: int | None = None,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[dict]:
+  """One deterministic pass over the first `max_examples` records of `split` (all if None).
+
+  Yields {"image": float32 [b, S, S, 3], "mask": bool [b]} with b = batch_size //
+  process_count: center crops, no flip, no shuffle, host i taking records i, i +
+  process_count, ... Batches always have b examples; the last ones are padded with blank
+  images whose mask is False, and every host yields the same number of batches, so the
+  batches can go through `jax.make_array_from_process_local_data` and a compiled step of
+  one shape. An undecodable record is masked out the same way (and counted). Errors in
+  the config raise here, not at the first batch.
+  """
+  hosts = _hosts(process_index, process_count)
+  local_batch = _local_batch(batch_size, hosts)
+  source = make_source(data_config, split)
+  size = int(data_config.image_size)
+  total = len(source) if max_examples is None else min(len(source), int(max_examples))
+  if not total:
+    return iter(())
+  ds = grain.MapDataset.source(source).map_with_index(
+      DecodeOrBlank(size, source.label, data_config.get("image_key", "image")))
+  ds = ds[:total][hosts.shard_index::hosts.shard_count]
+  per_host = -(-total // hosts.shard_count)
+  padding = -(-per_host // local_batch) * local_batch - len(ds)
+  if padding:
+    pad = grain.MapDataset.range(padding).map(functools.partial(_blank_for, size))
+    ds = grain.MapDataset.concatenate([ds, pad]) if len(ds) else pad
+  it = ds.to_iter_dataset(_read_options(data_config, local_batch))
+  return iter(it.batch(local_batch).map(CountSkipped()))
+
+
+def _blank_for(image_size: int, _: int) -> dict:
+  return blank(image_size)
+
+
+def iterator_save_args(iterator: grain.DatasetIterator):
+  """orbax args saving a grain iterator's state (one JSON file per process)."""
+  return grain.checkpoint.CheckpointSave(iterator)
+
+
+def iterator_restore_args(iterator: grain.DatasetIterator):
+  """orbax args restoring into `iterator` in place (it is also returned by the restore)."""
+  return grain.checkpoint.CheckpointRestore(iterator)

@@ -1,0 +1,285 @@
+"""Where the images come from: one random-access source per (config, split), and the check.
+
+`config.data` keys read here (the pipeline reads the rest, see pipeline.py):
+  source        "builtin" | "folder" | "arrayrecord" | "tfds"
+  path          folder: a directory of images; arrayrecord: a file or glob of ArrayRecord
+                files, "{split}" replaced by the split name; tfds: the dataset name
+                ("imagenet2012", "my_set/config:1.0.0"); builtin: unused
+  split         training split name ("train")
+  val_split     held-out split name ("validation")
+  val_fraction  share of the data held out as `val_split` when the data has no such split
+                of its own (folder without a `val_split` subfolder, ArrayRecord path
+                without "{split}"); default 0.05, at least one record
+  data_dir      tfds: the TFDS data directory holding the prepared dataset
+  image_key     tfds: the feature holding the image (default "image")
+  batch_size    global batch size, only checked here
+
+Sources return records undecoded (file paths, encoded bytes, arrays or TFDS dicts): the
+pipeline decodes them, so a broken file is skipped there instead of failing a run here.
+Everything that is wrong with the data config fails in `check_data`, before compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import hashlib
+import logging
+import os
+from typing import Any, Sequence
+
+from ldm_jax.data import builtin, images
+
+SOURCES = ("builtin", "folder", "arrayrecord", "tfds")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+DEFAULT_VAL_FRACTION = 0.05
+_PROBE_RECORDS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Random access (len + getitem) to the records of one split, with a name for logs.
+
+  `indices` selects a subset of `records` (a held-out or remaining share); None = all.
+  """
+
+  records: Any
+  label: str
+  indices: Sequence[int] | None = None
+
+  def __len__(self) -> int:
+    return len(self.records if self.indices is None else self.indices)
+
+  def __getitem__(self, index: int) -> Any:
+    return self.records[index if self.indices is None else int(self.indices[index])]
+
+  def __repr__(self) -> str:
+    return f"Source({self.label}, {len(self)} records)"
+
+
+def make_source(data_config, split: str) -> Source:
+  """The records of `split` for `data_config.source`; raises ValueError with the fix."""
+  kind = data_config.source
+  if kind == "builtin":
+    return _builtin(data_config, split)
+  if kind == "folder":
+    return _folder(data_config, split)
+  if kind == "arrayrecord":
+    return _arrayrecord(data_config, split)
+  if kind == "tfds":
+    return _tfds(data_config, split)
+  raise ValueError(f"unknown data.source {kind!r}; choose one of {', '.join(SOURCES)} "
+                   f"(--config.data.source=folder --config.data.path=/dir/of/images)")
+
+
+def check_data(data_config, *, process_count: int | None = None) -> None:
+  """Fails fast, with what is wrong and how to fix it, on a data config that cannot train.
+
+  Both splits must exist and be non-empty, every host needs at least one training record,
+  and among the first training records at least one must decode as an image (a single
+  broken file is skipped later, but a path full of non-images is a config error).
+  """
+  if process_count is None:
+    import jax
+    process_count = jax.process_count()
+  if data_config.source not in SOURCES:
+    make_source(data_config, data_config.split)  # raises the unknown-source error
+  if int(data_config.image_size) <= 0:
+    raise ValueError(f"data.image_size must be positive, got {data_config.image_size}")
+  if int(data_config.get("num_workers", 0)) < 0:
+    raise ValueError(f"data.num_workers must be >= 0, got {data_config.num_workers}")
+  batch_size = int(data_config.batch_size)
+  if batch_size <= 0 or batch_size % process_count:
+    raise ValueError(f"data.batch_size={batch_size} must be a positive multiple of the "
+                     f"number of processes ({process_count})")
+  splits = {split: make_source(data_config, split)
+            for split in (data_config.split, data_config.val_split)}
+  for split, source in splits.items():
+    if not len(source):
+      raise ValueError(f"split {split!r} of {source.label} is empty; point data.path at "
+                       f"data that has it, or set data.split / data.val_split")
+  train = splits[data_config.split]
+  if len(train) < process_count:
+    raise ValueError(f"{train.label} has {len(train)} training records for {process_count} "
+                     f"processes: every process needs at least one; use more data")
+  if batch_size > len(train):
+    logging.warning("data.batch_size=%d exceeds the %d training records of %s: batches "
+                    "span epochs, so each batch repeats images", batch_size, len(train),
+                    train.label)
+  _probe(train, data_config)
+  logging.info("data: %s with %s", data_config.source,
+               ", ".join(f"{k}={len(v)} records" for k, v in splits.items()))
+
+
+def _probe(source: Source, data_config) -> None:
+  """At least one of the first records decodes, else the path does not hold images."""
+  errors = []
+  for index in range(min(len(source), _PROBE_RECORDS)):
+    try:
+      images.decode_resized(source[index], 8, data_config.get("image_key", "image"))
+      return
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(f"{type(e).__name__}: {e}")
+  raise ValueError(f"none of the first {len(errors)} records of {source.label} decodes as an "
+                   f"image (first error: {errors[0]}); does data.path hold images?")
+
+
+def _val_fraction(data_config) -> float:
+  fraction = float(data_config.get("val_fraction", DEFAULT_VAL_FRACTION))
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"data.val_fraction must be in (0, 1), got {fraction}")
+  return fraction
+
+
+def _unknown_split(split: str, data_config, label: str) -> ValueError:
+  return ValueError(f"{label} has no split {split!r}: use data.split={data_config.split!r} or "
+                    f"data.val_split={data_config.val_split!r}")
+
+
+def _builtin(data_config, split: str) -> Source:
+  names = {data_config.split: "train", data_config.val_split: "validation",
+           "train": "train", "validation": "validation"}
+  if split not in names:
+    raise _unknown_split(split, data_config, "the builtin source")
+  return Source(builtin.BuiltinSource(names[split]), f"builtin:{names[split]}")
+
+
+@functools.cache
+def list_images(root: str) -> tuple[str, ...]:
+  """Image files under `root`, recursively, sorted; hidden files and folders are skipped.
+
+  Cached: listing a million-file folder is slow and every split asks for it.
+  """
+  found = []
+  for folder, subfolders, files in os.walk(root, followlinks=True):
+    subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+    found.extend(os.path.join(folder, f) for f in files
+                 if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+  return tuple(sorted(found))
+
+
+def held_out(keys: Sequence[str], fraction: float) -> frozenset[str]:
+  """A deterministic share of `keys` (at least one): those with the smallest hashes.
+
+  Hash-based rather than positional, so adding images to a folder keeps almost all earlier
+  choices and the validation set does not drift into the training set.
+  """
+  count = max(1, round(fraction * len(keys)))
+  return frozenset(sorted(keys, key=lambda k: hashlib.md5(k.encode()).hexdigest())[:count])
+
+
+def _folder(data_config, split: str) -> Source:
+  """`path/<split>/` when it exists, else a hash-chosen share of the training images."""
+  root = os.path.expanduser(str(data_config.path or ""))
+  if not root:
+    raise ValueError("data.source='folder' needs data.path: set --config.data.path=/dir/of/images")
+  if not os.path.isdir(root):
+    raise ValueError(f"data.path={root!r} is not a directory (source 'folder'); point "
+                     f"--config.data.path at a folder of .jpg/.jpeg/.png/.webp images")
+  own = os.path.join(root, split)
+  if os.path.isdir(own):
+    return Source(_nonempty(own), f"folder {own!r}")
+  if split not in (data_config.split, data_config.val_split):
+    raise _unknown_split(split, data_config, f"folder {root!r}")
+  train_root = os.path.join(root, data_config.split)
+  base = train_root if os.path.isdir(train_root) else root
+  files = _nonempty(base)
+  val_root = os.path.join(root, data_config.val_split)
+  if os.path.isdir(val_root):  # here split is the training split: all but the val folder
+    return Source(tuple(f for f in files if not f.startswith(val_root + os.sep)),
+                  f"folder {base!r}")
+  val = held_out([os.path.relpath(f, base) for f in files], _val_fraction(data_config))
+  want_val = split == data_config.val_split
+  return Source(tuple(f for f in files if (os.path.relpath(f, base) in val) == want_val),
+                f"{'held-out' if want_val else 'remaining'} share of folder {base!r}")
+
+
+def _nonempty(root: str) -> tuple[str, ...]:
+  files = list_images(root)
+  if not files:
+    raise ValueError(f"no .jpg/.jpeg/.png/.webp files under {root!r}; point data.path at a "
+                     f"folder of images (searched recursively)")
+  return files
+
+
+def _arrayrecord(data_config, split: str) -> Source:
+  import grain
+  pattern = str(data_config.path or "")
+  if not pattern:
+    raise ValueError("data.source='arrayrecord' needs data.path: a file or glob of ArrayRecord "
+                     "files, e.g. --config.data.path='/data/images-{split}-*.array_record'")
+  has_split = "{split}" in pattern
+  if not has_split and split not in (data_config.split, data_config.val_split):
+    raise _unknown_split(split, data_config, f"ArrayRecord files {pattern!r}")
+  resolved = pattern.replace("{split}", split)
+  paths = _glob(resolved)
+  if not paths:
+    raise ValueError(f"no ArrayRecord files match data.path={resolved!r}; check the path "
+                     f"(a '{{split}}' in it is replaced by the split name)")
+  records = grain.sources.ArrayRecordDataSource(paths)
+  label = f"ArrayRecord files {resolved!r}"
+  if has_split:
+    return Source(records, label)
+  # One set of files for both splits: every k-th record is held out (k = 1 / val_fraction).
+  import numpy as np
+  step = max(2, round(1.0 / _val_fraction(data_config)))
+  positions = np.arange(len(records))
+  is_val = positions % step == step - 1
+  if not is_val.any():
+    is_val[-1] = True
+  want_val = split == data_config.val_split
+  return Source(records, f"{'held-out' if want_val else 'remaining'} share of {label}",
+                positions[is_val == want_val])
+
+
+def _glob(pattern: str) -> list[str]:
+  """Sorted matches; remote paths (gs://...) go through TensorFlow's filesystems."""
+  if "://" in pattern:
+    import tensorflow as tf
+    return sorted(tf.io.gfile.glob(pattern))
+  pattern = os.path.expanduser(pattern)
+  return sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+
+
+def _tfds(data_config, split: str) -> Source:
+  """A prepared TFDS dataset in array_record format, read without TensorFlow.
+
+  The builder is only asked whether the data is on disk: `tfds.data_source` with
+  download=False never reaches the network, which on an offline machine would hang or fail
+  with an unhelpful download error.
+  """
+  import tensorflow_datasets as tfds
+  name = str(data_config.path or "")
+  data_dir = data_config.get("data_dir") or None
+  where = f"data_dir={data_dir!r}" if data_dir else "the default TFDS data_dir"
+  how = (f"prepare it on a machine with network access (`tfds build {name or 'NAME'} "
+         f"--file_format=array_record --data_dir=DIR`; manual-download datasets such as "
+         f"imagenet2012 need their archives in DIR/downloads/manual), copy DIR here and set "
+         f"--config.data.data_dir=DIR")
+  if not name:
+    raise ValueError(f"data.source='tfds' needs data.path=<dataset name>; {how}")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"TFDS dataset {name!r} is neither a registered dataset nor prepared in "
+                     f"{where}; {how}") from e
+  if not builder.is_prepared():
+    raise ValueError(f"TFDS dataset {name!r} is not prepared in {where} (datasets cannot be "
+                     f"downloaded here); {how}")
+  if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+    raise ValueError(f"TFDS dataset {name!r} in {where} is stored as "
+                     f"{builder.info.file_format.value}, but random access needs array_record: "
+                     f"rebuild it with `tfds build {name} --file_format=array_record`")
+  try:
+    builder.info.splits[split]
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"TFDS dataset {name!r} has splits {sorted(builder.info.splits)}, not "
+                     f"{split!r}; set data.split / data.val_split") from e
+  image_key = data_config.get("image_key", "image")
+  if image_key not in builder.info.features:
+    raise ValueError(f"TFDS dataset {name!r} has features {sorted(builder.info.features)}, no "
+                     f"{image_key!r}; set data.image_key to the image feature")
+  records = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                             decoders={image_key: tfds.decode.SkipDecoding()})
+  return Source(records, f"tfds:{name}/{split}")

@@ -1,0 +1,352 @@
+"""The input pipeline on data made here: builtin photos, a temp folder, ArrayRecord, TFDS."""
+
+import hashlib
+import io
+import os
+
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from absl import flags
+from PIL import Image
+
+from ldm_jax.data import builtin, images, pipeline, sources
+
+flags.FLAGS.mark_as_parsed()  # grain reads absl flags, also in its worker processes
+
+
+def _config(**overrides):
+  config = dict(source="builtin", path="", split="train", val_split="validation",
+                image_size=32, batch_size=4, random_crop=True, random_flip=True,
+                num_workers=0, seed=0)
+  config.update(overrides)
+  return ml_collections.ConfigDict(config)
+
+
+def _digest(array):
+  return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _photo(rng, height, width):
+  """A smooth random image: survives JPEG and resizing recognizably."""
+  grid = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+  return np.asarray(Image.fromarray(grid).resize((width, height), Image.Resampling.BILINEAR))
+
+
+def _encoded(pixels, fmt):
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format=fmt)
+  return buffer.getvalue()
+
+
+def _write_mixed_images(folder, rng):
+  """RGB PNG/JPEG/WEBP, grayscale, palette and RGBA images in nested folders, one corrupt."""
+  os.makedirs(os.path.join(folder, "a", "b"), exist_ok=True)
+  os.makedirs(os.path.join(folder, "c"), exist_ok=True)
+  Image.fromarray(_photo(rng, 40, 52)).save(os.path.join(folder, "rgb.png"))
+  Image.fromarray(_photo(rng, 48, 36)).save(os.path.join(folder, "a", "photo.JPG"))
+  Image.fromarray(_photo(rng, 33, 45)).save(os.path.join(folder, "a", "b", "lossless.webp"),
+                                            lossless=True)
+  Image.fromarray(_photo(rng, 40, 40)[..., 0]).save(os.path.join(folder, "a", "gray.png"))
+  Image.fromarray(_photo(rng, 36, 50)).quantize(16).save(os.path.join(folder, "c", "palette.png"))
+  rgba = np.dstack([_photo(rng, 44, 38), np.full((44, 38), 200, np.uint8)])
+  Image.fromarray(rgba, "RGBA").save(os.path.join(folder, "c", "alpha.png"))
+  Image.fromarray(_photo(rng, 38, 38)).save(os.path.join(folder, "c", "photo.jpeg"))
+  with open(os.path.join(folder, "a", "b", "corrupt.jpg"), "wb") as f:
+    f.write(b"\xff\xd8\xff\xe0 this is not a JPEG")
+  with open(os.path.join(folder, "notes.txt"), "w") as f:
+    f.write("not an image")
+  Image.fromarray(_photo(rng, 40, 40)).save(os.path.join(folder, ".hidden.png"))
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  """A folder with train/ (mixed formats, nested, one corrupt) and validation/ subfolders."""
+  root = tmp_path_factory.mktemp("images")
+  rng = np.random.default_rng(0)
+  _write_mixed_images(str(root / "train"), rng)
+  os.makedirs(root / "validation")
+  for i in range(3):
+    Image.fromarray(_photo(rng, 40, 48)).save(root / "validation" / f"v{i}.png")
+  return str(root)
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+def test_builtin_tiles():
+  train, val = builtin.load_tiles("train"), builtin.load_tiles("validation")
+  assert len(train) >= 40 and len(val) >= 8
+  for tile in train + val:
+    assert tile.shape == (builtin.TILE, builtin.TILE, 3) and tile.dtype == np.uint8
+  assert not {_digest(t) for t in train} & {_digest(t) for t in val}
+  source = sources.make_source(_config(), "validation")
+  assert len(source) == len(val) and np.array_equal(source[0], val[0])
+  with pytest.raises(ValueError, match="no split 'test'"):
+    sources.make_source(_config(), "test")
+
+
+def test_decode_converts_every_mode_to_rgb():
+  gray = Image.fromarray(np.full((20, 30), 100, np.uint8))
+  out = images.decode_resized(_encoded(np.asarray(gray), "PNG"), 10)
+  assert out.shape == (10, 15, 3) and out.dtype == np.uint8 and np.all(out == 100)
+  palette = Image.new("P", (16, 16))
+  palette.putpalette([255, 0, 0] * 256)
+  buffer = io.BytesIO()
+  palette.save(buffer, format="PNG")
+  assert np.all(images.decode_resized(buffer.getvalue(), 16) == [255, 0, 0])
+  clear = np.zeros((16, 16, 4), np.uint8)  # fully transparent black -> white
+  assert np.all(images.decode_resized(_encoded(clear, "PNG"), 16) == 255)
+  cmyk = Image.new("CMYK", (16, 16), (0, 0, 0, 0))
+  buffer = io.BytesIO()
+  cmyk.save(buffer, format="JPEG")
+  assert np.all(images.decode_resized(buffer.getvalue(), 16) > 250)
+  assert images.decode_resized(np.zeros((12, 12, 1), np.uint8), 8).shape == (8, 8, 3)
+
+
+def test_folder_lists_images_recursively(image_folder):
+  files = sources.list_images(os.path.join(image_folder, "train"))
+  names = sorted(os.path.basename(f) for f in files)
+  assert names == sorted(["rgb.png", "photo.JPG", "lossless.webp", "gray.png", "palette.png",
+                          "alpha.png", "photo.jpeg", "corrupt.jpg"])
+  assert list(files) == sorted(files)
+  train = sources.make_source(_config(source="folder", path=image_folder), "train")
+  val = sources.make_source(_config(source="folder", path=image_folder), "validation")
+  assert len(train) == 8 and len(val) == 3
+
+
+def test_folder_holds_out_a_validation_share(image_folder):
+  flat = os.path.join(image_folder, "train")  # no train/ or validation/ inside
+  config = _config(source="folder", path=flat, val_fraction=0.25)
+  train = list(sources.make_source(config, "train").records)
+  val = list(sources.make_source(config, "validation").records)
+  assert len(val) == 2 and not set(train) & set(val)
+  assert sorted(train + val) == list(sources.list_images(flat))
+  assert val == list(sources.make_source(config, "validation").records)  # deterministic
+
+
+def test_arrayrecord_source(tmp_path):
+  from array_record.python.array_record_module import ArrayRecordWriter
+  rng = np.random.default_rng(1)
+  expected = {}
+  for split, shards, per_shard in (("train", 2, 5), ("validation", 1, 3)):
+    for shard in range(shards):
+      writer = ArrayRecordWriter(str(tmp_path / f"{split}-{shard:05d}.array_record"),
+                                 "group_size:1")
+      for i in range(per_shard):
+        pixels = _photo(rng, 40, 44)
+        expected.setdefault(split, []).append(pixels)
+        writer.write(_encoded(pixels, "PNG"))
+      writer.close()
+  config = _config(source="arrayrecord", path=str(tmp_path / "{split}-*.array_record"),
+                   batch_size=3)
+  sources.check_data(config, process_count=1)
+  assert len(sources.make_source(config, "train")) == 10
+  batches = list(pipeline.eval_batches(config, "validation", batch_size=3, process_index=0,
+                                       process_count=1))
+  assert len(batches) == 1 and batches[0]["mask"].all()
+  center = images.center_crop(images.decode_resized(_encoded(expected["validation"][0], "PNG"),
+                                                    32), 32)
+  np.testing.assert_array_equal(batches[0]["image"][0], images.to_float(center))
+  batch = next(pipeline.train_iterator(config, global_batch_size=3, seed=0, process_index=0,
+                                       process_count=1))
+  assert batch["image"].shape == (3, 32, 32, 3)
+  # Without "{split}" one set of files serves both splits: a held-out share of records.
+  shared = _config(source="arrayrecord", path=str(tmp_path / "train-*.array_record"),
+                   val_fraction=0.2)
+  train, val = sources.make_source(shared, "train"), sources.make_source(shared, "validation")
+  assert len(val) == 2 and len(train) == 8
+  digests = [_digest(np.frombuffer(s[i], np.uint8)) for s in (train, val) for i in range(len(s))]
+  assert len(set(digests)) == 10
+
+
+# --- pipeline --------------------------------------------------------------------------------
+
+def test_train_batches_shape_dtype_range_and_determinism():
+  config = _config(batch_size=6)
+  make = lambda seed: pipeline.train_iterator(config, global_batch_size=6, seed=seed,
+                                              process_index=0, process_count=1)
+  first, again, other = make(0), make(0), make(1)
+  for _ in range(3):
+    batch = next(first)
+    assert set(batch) == {"image"}
+    image = batch["image"]
+    assert image.shape == (6, 32, 32, 3) and image.dtype == np.float32
+    assert image.min() >= -1.0 and image.max() <= 1.0 and image.max() - image.min() > 1.0
+    np.testing.assert_array_equal(image, next(again)["image"])
+  assert not np.array_equal(next(first)["image"], next(other)["image"])
+
+
+def test_two_hosts_get_disjoint_shards_covering_the_data():
+  config = _config(random_crop=False, random_flip=False)  # outputs identify their records
+  reference = pipeline.eval_batches(config, "train", batch_size=8, process_index=0,
+                                    process_count=1)
+  everything = {_digest(x) for b in reference for x, m in zip(b["image"], b["mask"]) if m}
+  total = len(builtin.load_tiles("train"))
+  assert len(everything) == total
+  seen = []
+  for host in (0, 1):
+    it = pipeline.train_iterator(config, global_batch_size=2, seed=0, process_index=host,
+                                 process_count=2)
+    shard = -(-total // 2) if host == 0 else total // 2
+    epochs = [[_digest(next(it)["image"][0]) for _ in range(shard)] for _ in range(2)]
+    assert len(set(epochs[0])) == shard and set(epochs[0]) == set(epochs[1])
+    assert epochs[0] != epochs[1]  # reshuffled every epoch
+    seen.append(set(epochs[0]))
+  assert not seen[0] & seen[1] and seen[0] | seen[1] == everything
+
+
+def test_eval_batches_pad_and_mask_equally_on_every_host():
+  config = _config()
+  total = len(builtin.load_tiles("validation"))
+  per_host = [list(pipeline.eval_batches(config, "validation", batch_size=10, max_examples=7,
+                                         process_index=i, process_count=2)) for i in (0, 1)]
+  assert [len(b) for b in per_host] == [1, 1]  # 4 and 3 real examples, batches of 5
+  assert [int(b[0]["mask"].sum()) for b in per_host] == [4, 3]
+  assert per_host[1][0]["image"][3:].max() == 0.0
+  single = list(pipeline.eval_batches(config, "validation", batch_size=5, process_index=0,
+                                      process_count=1))
+  assert sum(int(b["mask"].sum()) for b in single) == total
+  assert all(b["image"].shape == (5, 32, 32, 3) for b in single)
+  again = list(pipeline.eval_batches(config, "validation", batch_size=5, process_index=0,
+                                     process_count=1))
+  assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(single, again))
+
+
+def test_folder_pipeline_skips_and_counts_undecodable_files(image_folder, caplog):
+  config = _config(source="folder", path=image_folder, batch_size=3)
+  sources.check_data(config, process_count=1)
+  before = pipeline.skipped_records()
+  batches = list(pipeline.eval_batches(config, "train", batch_size=3, process_index=0,
+                                       process_count=1))
+  assert sum(int(b["mask"].sum()) for b in batches) == 7  # 8 files, one corrupt
+  assert pipeline.skipped_records() == before + 1
+  it = pipeline.train_iterator(config, global_batch_size=3, seed=0, process_index=0,
+                               process_count=1)
+  for _ in range(6):  # 18 examples: more than two epochs of 7
+    batch = next(it)
+    assert batch["image"].shape == (3, 32, 32, 3)
+    assert np.isfinite(batch["image"]).all()
+  assert pipeline.skipped_records() >= before + 3
+  assert "corrupt.jpg" in caplog.text
+
+
+def test_iterator_state_round_trip_through_orbax(tmp_path):
+  config = _config()
+  make = lambda: pipeline.train_iterator(config, global_batch_size=4, seed=3, process_index=0,
+                                         process_count=1)
+  it = make()
+  for _ in range(5):
+    next(it)
+  options = ocp.CheckpointManagerOptions(enable_async_checkpointing=True, create=True)
+  with ocp.CheckpointManager(str(tmp_path), item_names=("data",), options=options) as manager:
+    manager.save(5, args=ocp.args.Composite(data=pipeline.iterator_save_args(it)))
+    expected = [next(it)["image"] for _ in range(4)]  # while orbax may still be writing
+    manager.wait_until_finished()
+  fresh = make()
+  with ocp.CheckpointManager(str(tmp_path), item_names=("data",)) as manager:
+    manager.restore(5, args=ocp.args.Composite(data=pipeline.iterator_restore_args(fresh)))
+  for want in expected:
+    np.testing.assert_array_equal(next(fresh)["image"], want)
+  state = fresh.get_state()  # the same through get_state / set_state
+  after = [next(fresh)["image"] for _ in range(2)]
+  other = make()
+  other.set_state(state)
+  for want in after:
+    np.testing.assert_array_equal(next(other)["image"], want)
+
+
+def test_worker_processes_count_skips_and_resume(image_folder):
+  config = _config(source="folder", path=image_folder, batch_size=3, num_workers=2)
+  make = lambda: pipeline.train_iterator(config, global_batch_size=3, seed=0, process_index=0,
+                                         process_count=1)
+  before = pipeline.skipped_records()
+  it = make()
+  for _ in range(6):
+    next(it)
+  assert pipeline.skipped_records() > before  # counted in the workers, seen here
+  state = it.get_state()
+  expected = [next(it)["image"] for _ in range(3)]
+  it.close()
+  fresh = make()
+  fresh.set_state(state)
+  for want in expected:
+    np.testing.assert_array_equal(next(fresh)["image"], want)
+  fresh.close()
+
+
+# --- checks ----------------------------------------------------------------------------------
+
+def test_check_data_accepts_builtin():
+  sources.check_data(_config(), process_count=1)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(source="imagenet"), "unknown data.source 'imagenet'"),
+    (dict(source="folder", path=""), "needs data.path"),
+    (dict(source="folder", path="/no/such/folder"), "is not a directory"),
+    (dict(source="arrayrecord", path="/no/such/*.array_record"), "no ArrayRecord files match"),
+    (dict(batch_size=5), "multiple of the number of processes"),
+])
+def test_check_data_errors(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    sources.check_data(_config(**overrides), process_count=2)
+
+
+def test_check_data_folder_errors(tmp_path):
+  empty = tmp_path / "empty"
+  os.makedirs(empty / "sub")
+  (empty / "sub" / "readme.txt").write_text("no images here")
+  with pytest.raises(ValueError, match="no .jpg/.jpeg/.png/.webp files under"):
+    sources.check_data(_config(source="folder", path=str(empty)), process_count=1)
+  broken = tmp_path / "broken"
+  os.makedirs(broken)
+  for i in range(3):
+    (broken / f"{i}.png").write_bytes(b"garbage")
+  with pytest.raises(ValueError, match="decodes as an image"):
+    sources.check_data(_config(source="folder", path=str(broken)), process_count=1)
+  endless = pipeline.train_iterator(_config(source="folder", path=str(broken)),
+                                    global_batch_size=2, seed=0, process_index=0, process_count=1)
+  with pytest.raises(RuntimeError, match="could not be decoded"):
+    next(endless)  # fails instead of spinning forever
+  single = tmp_path / "single"
+  os.makedirs(single)
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(single / "only.png")
+  with pytest.raises(ValueError, match="split 'train' .* is empty"):
+    sources.check_data(_config(source="folder", path=str(single)), process_count=1)
+
+
+@pytest.mark.parametrize("name", ["no_such_dataset_xyz", "mnist"])
+def test_tfds_not_prepared_says_how_to_prepare(tmp_path, name):
+  config = _config(source="tfds", path=name, data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="array_record") as error:
+    sources.check_data(config, process_count=1)
+  assert "data_dir" in str(error.value) and name in str(error.value)
+
+
+def test_tfds_prepared_array_record(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class TinyPhotos(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"image": tfds.features.Image(shape=(None, None, 3))}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(6), "validation": self._generate_examples(2)}
+
+    def _generate_examples(self, count):
+      rng = np.random.default_rng(count)
+      for i in range(count):
+        yield i, {"image": _photo(rng, 36, 40)}
+
+  TinyPhotos(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  config = _config(source="tfds", path="tiny_photos", data_dir=str(tmp_path), batch_size=2)
+  sources.check_data(config, process_count=1)
+  batch = next(pipeline.train_iterator(config, global_batch_size=2, seed=0, process_index=0,
+                                       process_count=1))
+  assert batch["image"].shape == (2, 32, 32, 3)
+  with pytest.raises(ValueError, match="not 'test'"):
+    sources.make_source(config, "test")

@@ -1,0 +1,145 @@
+"""The training command end to end: resume after SIGTERM or SIGKILL, bit for bit."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from ldm_jax.train import checkpoint
+from ldm_jax.train.autoencoder_setup import abstract_state, build_programs
+
+STEPS = 8
+
+
+def _command(workdir, *overrides):
+  return [sys.executable, "-m", "ldm_jax.main", "--config=configs/kl_f8.py:tiny",
+          f"--workdir={workdir}", f"--config.train.num_steps={STEPS}",
+          "--config.train.eval_every=100", "--config.train.ckpt_every=2", *overrides]
+
+
+def _env():
+  return dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+def _run(workdir, *overrides):
+  proc = subprocess.run(_command(workdir, *overrides), env=_env(), capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc.stderr
+
+
+def _final_state(workdir):
+  import json
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  spec, programs = build_programs(config)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        abstract_state(config, spec, programs))
+  state, step = checkpoint.restore_state_only(workdir, target)
+  return step, {jax.tree_util.keystr(k): np.asarray(v)
+                for k, v in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def _assert_same(a, b):
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  log = _run(workdir)
+  assert os.path.exists(workdir / "export" / "autoencoder" / "config.json")
+  assert list((workdir / "images").glob("val_*.png"))
+  step, state = _final_state(workdir)
+  assert step == STEPS
+  return state, log
+
+
+def _start(workdir):
+  return subprocess.Popen(_command(workdir), env=_env(), stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True)
+
+
+def _wait_for(proc, needle, timeout=600):
+  """Reads the process's log until `needle` appears; returns everything read."""
+  seen, start = [], time.time()
+  while time.time() - start < timeout:
+    line = proc.stderr.readline()
+    if not line:
+      break
+    seen.append(line)
+    if needle in line:
+      return "".join(seen)
+  proc.kill()
+  raise AssertionError(f"{needle!r} never appeared:\n" + "".join(seen[-50:]))
+
+
+def test_sigterm_saves_and_resume_is_bit_exact(tmp_path, uninterrupted):
+  proc = _start(tmp_path)
+  _wait_for(proc, f"step 1/{STEPS}")
+  proc.send_signal(signal.SIGTERM)
+  rest = proc.stderr.read()
+  assert proc.wait(timeout=300) == 0, rest[-3000:]
+  assert "preempted: checkpoint saved at step" in rest
+  interrupted_at, _ = _final_state(tmp_path)
+  assert interrupted_at < STEPS
+
+  log = _run(tmp_path)
+  assert f"resuming from the checkpoint at step {interrupted_at}" in log
+  step, state = _final_state(tmp_path)
+  assert step == STEPS
+  _assert_same(state, uninterrupted[0])
+
+
+def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, uninterrupted):
+  proc = _start(tmp_path)
+  _wait_for(proc, f"step 5/{STEPS}")  # checkpoints 2 and 4 are complete or in flight
+  proc.kill()
+  proc.wait(timeout=60)
+  log = _run(tmp_path)
+  assert "resuming from the checkpoint at step" in log
+  step, state = _final_state(tmp_path)
+  assert step == STEPS
+  _assert_same(state, uninterrupted[0])
+
+
+def test_export_command_writes_loadable_weights(tmp_path, uninterrupted):
+  from ldm_jax.convert import load_autoencoder
+  from ldm_jax.export import export_workdir
+  del uninterrupted
+  workdir = tmp_path / "run"
+  _run(workdir, "--config.train.num_steps=2")
+  out = tmp_path / "vae.safetensors"
+  assert export_workdir(str(workdir), str(out), "compvis") == 2
+  model = load_autoencoder(out)
+  exported = load_autoencoder(workdir / "export" / "autoencoder")
+  np.testing.assert_array_equal(model.decoder.conv_out.kernel[...],
+                                exported.decoder.conv_out.kernel[...])
+
+
+def test_bad_config_fails_before_compiling(tmp_path):
+  cases = {
+      "--config.data.batch_size=3": "not divisible",
+      "--config.train.mesh.data=3": "needs 3 devices",
+      "--config.data.source=folder": "",
+      "--config.loss.perceptual_weight=1.0": "lpips_weights",
+      "--config.model.kind=xx": "kind must be",
+  }
+  for override, message in cases.items():
+    proc = subprocess.run(_command(tmp_path / "bad", override), env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, override
+    assert message in proc.stderr, (override, proc.stderr[-2000:])
+    assert "step 1/" not in proc.stderr
+  proc = subprocess.run(_command(tmp_path / "bad", "--config.train.nmu_steps=3"), env=_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "nmu_steps" in proc.stderr
