@@ -1,7 +1,7 @@
 """The first-stage train state and its pure, jit-compiled update.
 
 One call of the step is one optimizer update of both the autoencoder ("generator") and
-the discriminator, over `accumulate_grad_batches` micro-batches scanned inside the step.
+the discriminator, over `accumulate_grad_batches` micro-batches inside the step.
 The discriminator sees the reconstructions of the pre-update generator (the Lightning
 reference recomputes them after the generator's step, one update later).
 """
@@ -120,9 +120,8 @@ def make_train_step(programs: Programs) -> Callable:
              if programs.lpips_def is not None else None)
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
-    def micro_step(carry, inputs):
-      grads, disc_grads, disc_rest, metrics = carry
-      x, index = inputs
+    def micro_step(x, index, disc_rest):
+      """Gradients of both players on one micro-batch."""
       key = jax.random.fold_in(step_key, index)
 
       def loss_fn(params):
@@ -145,21 +144,17 @@ def make_train_step(programs: Programs) -> Callable:
 
       (_, (d_metrics, disc_rest)), d_grads = jax.value_and_grad(
           disc_loss_fn, has_aux=True)(state.disc_params)
-      add = lambda a, b: jax.tree.map(jnp.add, a, b)
-      return (add(grads, g_grads), add(disc_grads, d_grads), disc_rest,
-              add(metrics, {**g_metrics, **d_metrics})), None
+      return (g_grads, d_grads, {**g_metrics, **d_metrics}), disc_rest
 
+    # A Python loop, unrolled at trace time: XLA:CPU runs convolutions inside a scan body
+    # many times slower (jax-ml/jax#12868), and accumulation counts are small.
     images = batch["image"]
     accumulate = images.shape[0]
-    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
-    metrics0 = jax.eval_shape(lambda: _metric_shapes(cfg, state, programs, images[0],
-                                                     state.disc_rest, lpips))
-    carry = (zeros(state.params), zeros(state.disc_params), state.disc_rest,
-             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics0))
-    (grads, disc_grads, disc_rest, metrics), _ = jax.lax.scan(
-        micro_step, carry, (images, jnp.arange(accumulate)))
-    scale = lambda tree: jax.tree.map(lambda g: g / accumulate, tree)
-    grads, disc_grads, metrics = scale(grads), scale(disc_grads), scale(metrics)
+    disc_rest, totals = state.disc_rest, None
+    for index in range(accumulate):
+      summed, disc_rest = micro_step(images[index], index, disc_rest)
+      totals = summed if totals is None else jax.tree.map(jnp.add, totals, summed)
+    grads, disc_grads, metrics = jax.tree.map(lambda g: g / accumulate, totals)
 
     updates, opt_state = programs.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -177,19 +172,6 @@ def make_train_step(programs: Programs) -> Callable:
     return new_state, metrics
 
   return step_fn
-
-
-def _metric_shapes(cfg, state, programs, x, disc_rest, lpips):
-  """The metric dict's structure (traced abstractly, to initialise the scan's carry)."""
-  model = merge(programs.model_def, state.params, state.frozen, state.rest)
-  discriminator = _pure_discriminator(programs, state.disc_params, disc_rest)
-  features, regularizer = _generator_forward(model, x, jax.random.key(0))
-  _, (g_metrics, xrec) = generator_loss(
-      cfg, x=x, features=features, last_kernel=model.decoder.conv_out.kernel[...],
-      to_image=lambda k, f: model.decoder.to_image(f, k), regularizer=regularizer,
-      discriminator=discriminator, lpips=lpips, step=state.step)
-  _, d_metrics = discriminator_loss(cfg, discriminator(x), discriminator(xrec), state.step)
-  return {**g_metrics, **d_metrics}
 
 
 def eval_model(programs: Programs, state: TrainState, use_ema: bool = True):
