@@ -30,9 +30,7 @@ SCRIPT = textwrap.dedent("""
     shardings = mesh_lib.state_shardings(mesh, state)
     state = jax.device_put(state, shardings)
     batch_sharding = mesh_lib.batch_sharding(mesh, leading_dims=1)
-    step = jax.jit(step_lib.make_train_step(programs),
-                   in_shardings=(shardings, {"image": batch_sharding}, None),
-                   out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+    step = step_lib.jit_train_step(programs, mesh, shardings)
     rng = np.random.default_rng(0)
     images = np.clip(rng.normal(0, 0.5, (1, 8, 32, 32, 3)), -1, 1).astype(np.float32)
     batch = {"image": jax.device_put(images, batch_sharding)}

@@ -33,6 +33,12 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[AutoencoderSpec, Lo
   if config.data.image_size % spec.downsample_factor:
     raise ValueError(f"data.image_size={config.data.image_size} is not divisible by the "
                      f"model's downsampling factor {spec.downsample_factor}")
+  if config.data.batch_size < 1:
+    raise ValueError(f"data.batch_size={config.data.batch_size} must be >= 1 (it is the global "
+                     "batch over all hosts and devices)")
+  for key in ("num_steps", "log_every", "eval_every", "ckpt_every"):
+    if config.train[key] < 1:
+      raise ValueError(f"train.{key}={config.train[key]} must be >= 1")
   if config.optim.accumulate_grad_batches < 1:
     raise ValueError("optim.accumulate_grad_batches must be >= 1")
   if config.train.decoder_only and not config.train.init_from:

@@ -20,6 +20,7 @@ from ldm_jax.losses.autoencoder import LossConfig, discriminator_loss, generator
 from ldm_jax.models.autoencoder import AutoencoderSpec, build_autoencoder
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.distributions import DiagonalGaussian
+from ldm_jax.train import mesh as mesh_lib
 from ldm_jax.train.optim import ema_update
 
 sg = jax.lax.stop_gradient
@@ -164,14 +165,24 @@ def make_train_step(programs: Programs) -> Callable:
     ema = state.ema
     if ema is not None:
       ema = ema_update(ema, params, programs.ema_decay, state.step + 1)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads),
-               "disc_grad_norm": optax.global_norm(disc_grads)}
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
+               "disc_grad_norm": optax.tree.norm(disc_grads)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               disc_params=disc_params, disc_rest=disc_rest,
                               disc_opt_state=disc_opt_state, ema=ema)
     return new_state, metrics
 
   return step_fn
+
+
+def jit_train_step(programs: Programs, mesh, state_shardings, lpips_state=None):
+  """The step compiled over `mesh`: state sharded by the fsdp rules and donated, batch
+  split over every device along its second axis ([A, B, H, W, 3]), LPIPS replicated."""
+  replicated = mesh_lib.replicated(mesh)
+  batch = {"image": mesh_lib.batch_sharding(mesh, leading_dims=1)}
+  lpips = jax.tree.map(lambda _: replicated, lpips_state)
+  return jax.jit(make_train_step(programs), in_shardings=(state_shardings, batch, lpips),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
 def eval_model(programs: Programs, state: TrainState, use_ema: bool = True):

@@ -133,14 +133,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = checkpoint.restore(manager, latest, checkpoint.abstract_with_shardings(
         state, shardings), iterator)
 
-  replicated = mesh_lib.replicated(run.mesh)
   batch_sharding = mesh_lib.batch_sharding(run.mesh, leading_dims=1)
   size = int(config.data.image_size)
   global_shape = (run.accumulate, run.global_batch, size, size, 3)
-  lpips_sharding = jax.tree.map(lambda _: replicated, run.lpips_state)
-  train_step = jax.jit(step_lib.make_train_step(run.programs),
-                       in_shardings=(shardings, {"image": batch_sharding}, lpips_sharding),
-                       out_shardings=(shardings, replicated), donate_argnums=(0,))
+  train_step = step_lib.jit_train_step(run.programs, run.mesh, shardings, run.lpips_state)
   evaluator = Evaluator(run)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -173,10 +169,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         totals, count, t_log = None, 0, time.time()
       if step % int(config.train.eval_every) == 0 or step == num_steps:
         last_eval = evaluator(state, step, writer)
+      saved = False
       if step % int(config.train.ckpt_every) == 0 or step == num_steps:
-        checkpoint.save(manager, step, state, iterator)
+        saved = checkpoint.save(manager, step, state, iterator)
       if preemption.requested():
-        checkpoint.save(manager, step, state, iterator, force=True)
+        if not saved:
+          checkpoint.save(manager, step, state, iterator, force=True)
         manager.wait_until_finished()
         logging.warning("preempted: checkpoint saved at step %d; rerun the same command to "
                         "resume", step)

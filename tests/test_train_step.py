@@ -1,0 +1,91 @@
+"""The first-stage train step: decoder-only fine-tuning, EMA, accumulation, init_from."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ldm_jax.config_lib import autoencoder_config
+from ldm_jax.models.autoencoder import build_autoencoder
+from ldm_jax.train import autoencoder_step as step_lib
+from ldm_jax.train.autoencoder_setup import build_programs, check_config
+from ldm_jax.train.optim import learning_rate
+
+
+def _setup(kind="kl", **overrides):
+  config = autoencoder_config(kind=kind, embed_dim=4, z_channels=4, ch_mult=(1, 2),
+                              n_embed=32 if kind == "vq" else 0, batch_size=2,
+                              loss=dict(disc_start=0), arg="tiny")
+  for key, value in overrides.items():
+    block, name = key.split("__")
+    config[block][name] = value
+  spec, programs = build_programs(config)
+  model = build_autoencoder(spec, nnx.Rngs(0))
+  disc = step_lib.build_discriminator(programs.loss, spec.dtype, 0)
+  state = step_lib.new_state(model, disc, programs, bool(config.train.decoder_only), 0)
+  return config, programs, state
+
+
+def _images(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(np.clip(rng.normal(0, 0.5, (n, 2, 32, 32, 3)), -1, 1), jnp.float32)
+
+
+def _flat(tree):
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_decoder_only_keeps_the_latent_space():
+  config, programs, state = _setup(train__decoder_only=True, train__init_from="unused")
+  assert all("decoder" in k or "post_quant_conv" in k for k in _flat(state.params))
+  assert any("encoder" in k for k in _flat(state.frozen))
+  step = jax.jit(step_lib.make_train_step(programs))
+  new, _ = step(state, {"image": _images(1)}, None)
+  before, after = _flat(state.frozen), _flat(new.frozen)
+  for key in before:
+    np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+  changed = [k for k, v in _flat(new.params).items() if not np.array_equal(v, _flat(
+      state.params)[k])]
+  assert changed
+
+
+def test_decoder_only_needs_init_from():
+  config = autoencoder_config(kind="kl", embed_dim=4, z_channels=4, ch_mult=(1, 2),
+                              batch_size=2, loss={}, arg="tiny")
+  config.train.decoder_only = True
+  with pytest.raises(ValueError, match="init_from"):
+    check_config(config)
+
+
+def test_ema_follows_litema():
+  config, programs, state = _setup(optim__ema_decay=0.999)
+  step = jax.jit(step_lib.make_train_step(programs))
+  new, _ = step(state, {"image": _images(1)}, None)
+  decay = min(0.999, (1 + 1) / (10 + 1))  # LitEma's warm-up on the first update
+  p0, p1, ema = _flat(state.params), _flat(new.params), _flat(new.ema)
+  for key in p0:
+    np.testing.assert_allclose(ema[key], p0[key] - (1 - decay) * (p0[key] - p1[key]),
+                               rtol=1e-5, atol=1e-7, err_msg=key)
+  model = step_lib.eval_model(programs, new)  # evaluation and export use the EMA
+  np.testing.assert_array_equal(model.decoder.conv_out.kernel[...],
+                                new.ema["decoder"]["conv_out"]["kernel"][...])
+
+
+def test_accumulation_averages_micro_batches():
+  _, programs, state = _setup(kind="vq")  # VQ: no posterior sampling, so deterministic
+  images = _images(2)
+  step = jax.jit(step_lib.make_train_step(programs))
+  _, both = step(state, {"image": images}, None)
+  _, first = step(state, {"image": images[:1]}, None)
+  _, second = step(state, {"image": images[1:]}, None)
+  for key in ("total_loss", "rec_loss", "quant_loss", "disc_loss", "logits_real"):
+    np.testing.assert_allclose(both[key], (first[key] + second[key]) / 2, rtol=1e-5,
+                               err_msg=key)
+
+
+def test_learning_rate_rule():
+  optim = dict(base_learning_rate=4.5e-6, scale_lr=True, accumulate_grad_batches=2)
+  assert learning_rate(optim, 12 * 8) == pytest.approx(2 * 96 * 4.5e-6)
+  assert learning_rate({**optim, "scale_lr": False}, 96) == 4.5e-6
