@@ -89,3 +89,23 @@ def test_learning_rate_rule():
   optim = dict(base_learning_rate=4.5e-6, scale_lr=True, accumulate_grad_batches=2)
   assert learning_rate(optim, 12 * 8) == pytest.approx(2 * 96 * 4.5e-6)
   assert learning_rate({**optim, "scale_lr": False}, 96) == 4.5e-6
+
+
+def test_actnorm_initialization_survives_the_step():
+  config, programs, state = _setup(loss__use_actnorm=True)
+  images = _images(1)
+  assert bool(step_lib.actnorm_pending(state.disc_rest))
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0), 0)
+  initialized = step_lib.initialize_actnorm(programs, state, images[0], key)
+  assert not bool(step_lib.actnorm_pending(initialized.disc_rest))
+  after, _ = jax.jit(step_lib.make_train_step(programs))(state, {"image": images}, None)
+  assert not bool(step_lib.actnorm_pending(after.disc_rest))
+  lr = learning_rate(config.optim, config.data.batch_size)
+  init_params, trained = _flat(initialized.disc_params), _flat(after.disc_params)
+  locs = [k for k in init_params if "loc" in k]
+  assert locs
+  for key in locs:
+    # One Adam step moves a parameter by at most ~lr: the step kept the data-dependent
+    # values rather than the zeros/ones it started from.
+    assert np.abs(init_params[key]).max() > 10 * lr, key
+    np.testing.assert_allclose(trained[key], init_params[key], atol=1.01 * lr, err_msg=key)

@@ -104,6 +104,29 @@ def _generator_forward(model, x: jax.Array, key: jax.Array):
   return model.decoder.features(model.post_quant_conv(quantized.z_q)), quantized.loss
 
 
+def actnorm_pending(disc_rest) -> jax.Array:
+  """True while some ActNorm of the discriminator has not seen its first batch."""
+  flags = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(disc_rest)
+           if "initialized" in jax.tree_util.keystr(path)]
+  if not flags:
+    return jnp.zeros((), bool)
+  return jnp.any(jnp.stack([flag == 0 for flag in flags]))
+
+
+def initialize_actnorm(programs: Programs, state: TrainState, x: jax.Array,
+                       key: jax.Array) -> TrainState:
+  """Data-dependent ActNorm init on the reconstructions of `x`, as the reference does in
+  its first generator step, kept in the state (inside a loss function the new Param values
+  would be lost to the gradient transform)."""
+  model = merge(programs.model_def, state.params, state.frozen, state.rest)
+  features, _ = _generator_forward(model, x, key)
+  xrec = model.decoder.to_image(features)
+  disc = merge(programs.disc_def, state.disc_params, state.disc_rest)
+  disc(sg(xrec), train=True)
+  _, disc_params, disc_rest = nnx.split(disc, nnx.Param, ...)
+  return state.replace(disc_params=disc_params, disc_rest=disc_rest)
+
+
 def _pure_discriminator(programs: Programs, disc_params, disc_rest) -> Callable:
   """D as a pure function for the generator's loss: batch statistics as in training, and
   the running statistics it would update dropped (only an eval-mode D would read them)."""
@@ -120,6 +143,12 @@ def make_train_step(programs: Programs) -> Callable:
     lpips = (merge(programs.lpips_def, lpips_state)
              if programs.lpips_def is not None else None)
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if cfg.use_actnorm:  # one branch runs: the init costs nothing after the first step
+      state = jax.lax.cond(
+          actnorm_pending(state.disc_rest),
+          lambda s: initialize_actnorm(programs, s, batch["image"][0],
+                                       jax.random.fold_in(step_key, 0)),
+          lambda s: s, state)
 
     def micro_step(x, index, disc_rest):
       """Gradients of both players on one micro-batch."""
