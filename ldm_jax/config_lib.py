@@ -45,11 +45,12 @@ def autoencoder_config(*, kind: str, embed_dim: int, z_channels: int, ch_mult: t
   if arg == "demo":
     _shrink(config, ch=32, image_size=64, batch_size=8)
     config.loss.perceptual_weight = 0.0  # LPIPS needs VGG weights that cannot ship offline
-    config.loss.disc_start = 300
-    config.optim.base_learning_rate = 1e-4
-    config.optim.scale_lr = False
-    config.optim.accumulate_grad_batches = 1
-    config.train.update(num_steps=600, log_every=50, eval_every=200, ckpt_every=200)
+    # The discriminator joins for the last third at a low weight: a fresh PatchGAN at the
+    # full 0.5 costs about 1 dB of PSNR in this short a run.
+    config.loss.update(disc_start=200, disc_weight=0.1)
+    config.optim.update(base_learning_rate=2e-4, scale_lr=False, accumulate_grad_batches=1,
+                        ema_decay=0.98)
+    config.train.update(num_steps=300, log_every=50, eval_every=100, ckpt_every=100)
   elif arg == "tiny":
     _shrink(config, ch=32, image_size=32, batch_size=2)
     config.model.ch_mult = tuple(ch_mult[:2])
