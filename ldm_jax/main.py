@@ -7,6 +7,7 @@ detected from the environment (Cloud TPU, SLURM) or set with the --coordinator_a
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -25,12 +26,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries:
-  """Keeps orbax's and grain's per-save INFO chatter out of the console (warnings stay)."""
+XX
 
-  NOISY = ("/orbax/", "/grain/", "/clu/")
+  NOISY = ("/orbax/", "/grain/", "/clu/", "/jax/_src/xla_bridge.py")
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or not any(
+    return record.levelno >= std_logging.WARNING or not any(
         part in record.pathname for part in self.NOISY)
 
 
@@ -54,7 +55,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+  # On the absl handler itself: it forwards records to its python_handler via emit(),
+  # which skips that handler's own filters.
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed()
   import jax
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
