@@ -26,7 +26,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries:
-XX
+  """Keeps library INFO chatter (orbax per save, clu per step, jax's TPU probe) out of the
+  console; their warnings and errors still show."""
 
   NOISY = ("/orbax/", "/grain/", "/clu/", "/jax/_src/xla_bridge.py")
 
