@@ -9,9 +9,6 @@ compvis: one .safetensors with CompVis keys.
 
 from __future__ import annotations
 
-import json
-import os
-
 from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -25,28 +22,13 @@ flags.mark_flags_as_required(["workdir", "out"])
 def export_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: bool = True,
                    step: int | None = None) -> int:
   """Writes the autoencoder of `workdir`'s checkpoint to `out`; returns the step exported."""
-  import jax
-  import ml_collections
-
   from ldm_jax.convert import save_autoencoder
-  from ldm_jax.train import autoencoder_step as step_lib
-  from ldm_jax.train import checkpoint
-  from ldm_jax.train.autoencoder_setup import abstract_state, build_programs
+  from ldm_jax.train.first_stage import restore_autoencoder
 
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} not found: is {workdir} a training workdir?")
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  spec, programs = build_programs(config)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        abstract_state(config, spec, programs))
-  state, restored_step = checkpoint.restore_state_only(workdir, target, step)
-  model = step_lib.eval_model(programs, state, use_ema=use_ema)
+  model, restored_step, has_ema = restore_autoencoder(workdir, use_ema, step)
   save_autoencoder(model, out, format=fmt)
   logging.info("exported step %d (%s weights) to %s", restored_step,
-               "EMA" if use_ema and state.ema is not None else "trained", out)
+               "EMA" if use_ema and has_ema else "trained", out)
   return restored_step
 
 

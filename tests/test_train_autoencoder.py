@@ -128,6 +128,10 @@ def test_export_command_writes_loadable_weights(tmp_path, uninterrupted):
   exported = load_autoencoder(workdir / "export" / "autoencoder")  # written by training
   np.testing.assert_array_equal(model.decoder.conv_out.kernel[...],
                                 exported.decoder.conv_out.kernel[...])
+  # An LDM's first stage can name the workdir itself: the same (EMA) weights.
+  from ldm_jax.train.first_stage import load_first_stage
+  np.testing.assert_array_equal(load_first_stage(str(workdir)).decoder.conv_out.kernel[...],
+                                exported.decoder.conv_out.kernel[...])
 
 
 def test_bad_config_fails_before_compiling(tmp_path):
