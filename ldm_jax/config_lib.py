@@ -72,3 +72,80 @@ def _shrink(config: ml_collections.ConfigDict, *, ch: int, image_size: int,
   config.data.batch_size = batch_size
   if config.model.n_embed:
     config.model.n_embed = min(config.model.n_embed, 256)
+
+
+def ldm_config(*, first_stage: dict[str, Any], unet: dict[str, Any], diffusion: dict[str, Any],
+               cond: dict[str, Any], batch_size: int, base_learning_rate: float,
+               scale_lr: bool = True, warmup_steps: int = 0, image_size: int = 256,
+               arg: str | None = None) -> ml_collections.ConfigDict:
+  """An LDM config: the published numbers, with the reference's defaults for the rest.
+
+  `first_stage`: `path` (an ldm_jax autoencoder workdir or PyTorch weights), `kind`,
+  `downsample_factor`, `scale_factor` and `scale_by_std`. `unet` uses the CompVis
+  openaimodel argument names. `cond.kind` is none | class | text | concat | hybrid.
+  """
+  if arg not in VARIANTS:
+    raise ValueError(f"unknown config variant {arg!r}; choose one of: demo, tiny (or none)")
+  config = ml_collections.ConfigDict()
+  config.stage = "ldm"
+  config.first_stage = dict(path="", kind="kl", downsample_factor=8, scale_factor=1.0,
+                            scale_by_std=False, cache_dir="")
+  config.first_stage.update(first_stage)
+  config.unet = dict(
+      in_channels=4, out_channels=4, model_channels=192, attention_resolutions=(),
+      num_res_blocks=2, channel_mult=(1, 2, 4, 4), dropout=0.0, conv_resample=True,
+      num_heads=-1, num_head_channels=-1, use_scale_shift_norm=False, resblock_updown=False,
+      use_spatial_transformer=False, transformer_depth=1, context_dim=0,
+      use_linear_in_transformer=False, num_classes=0, dtype="float32", remat=False)
+  config.unet.update(unet)
+  config.diffusion = dict(timesteps=1000, beta_schedule="linear", linear_start=0.0015,
+                          linear_end=0.0195, cosine_s=8e-3, parameterization="eps",
+                          loss_type="l2", learn_logvar=False, logvar_init=0.0,
+                          l_simple_weight=1.0, original_elbo_weight=0.0)
+  config.diffusion.update(diffusion)
+  config.cond = dict(kind="none", num_classes=0, embed_dim=512, dropout_prob=0.0,
+                     vocab_file="", max_length=77, text_width=1280, text_depth=32,
+                     text_heads=8, text_head_dim=64, caption_key="caption",
+                     label_key="label")
+  config.cond.update(cond)
+  config.optim = dict(base_learning_rate=base_learning_rate, scale_lr=scale_lr,
+                      accumulate_grad_batches=1, b1=0.9, b2=0.999, eps=1e-8,
+                      weight_decay=0.01, warmup_steps=warmup_steps, grad_clip_norm=0.0,
+                      ema_decay=0.9999)
+  config.data = dict(source="builtin", path="", split="train", val_split="validation",
+                     image_size=image_size, batch_size=batch_size, random_crop=True,
+                     random_flip=True, num_workers=0, read_threads=8, seed=0,
+                     val_fraction=0.05, data_dir="", image_key="image")
+  config.sample = dict(sampler="ddim", steps=50, eta=0.0, guidance_scale=1.0, num=16,
+                       every=5000)
+  config.train = dict(num_steps=1_000_000, log_every=100, eval_every=5000, ckpt_every=5000,
+                      keep_checkpoints=3, seed=0, mesh=dict(data=-1, fsdp=1))
+  if arg in ("demo", "tiny"):
+    _shrink_ldm(config, tiny=arg == "tiny")
+  return config
+
+
+def _shrink_ldm(config: ml_collections.ConfigDict, *, tiny: bool) -> None:
+  """A small UNet on the built-in photos; the first stage is the autoencoder's demo run."""
+  factor = config.first_stage.downsample_factor
+  ae = {"kl": "kl_f8" if factor == 8 else f"kl_f{factor}", "vq": f"vq_f{factor}"}
+  config.first_stage.path = f"workdir/{ae[config.first_stage.kind]}_demo"
+  config.first_stage.update(scale_by_std=True, scale_factor=1.0)
+  config.unet.update(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                     attention_resolutions=(2,), num_heads=-1, num_head_channels=16,
+                     transformer_depth=1)
+  if config.unet.use_spatial_transformer:
+    config.unet.context_dim = 64
+  config.cond.update(embed_dim=64, text_width=64, text_depth=2, text_heads=2, text_head_dim=32,
+                     max_length=32)
+  if config.cond.kind in ("class", "text", "hybrid"):
+    config.cond.dropout_prob = 0.1
+  config.optim.update(base_learning_rate=2e-4, scale_lr=False, warmup_steps=0, ema_decay=0.99)
+  config.data.update(image_size=64, batch_size=8)
+  config.sample.update(steps=20, num=8, every=200)
+  config.train.update(num_steps=600, log_every=50, eval_every=200, ckpt_every=200)
+  if tiny:
+    config.unet.update(num_res_blocks=1, channel_mult=(1, 2))
+    config.data.update(image_size=32, batch_size=2)
+    config.sample.update(steps=4, num=2, every=2)
+    config.train.update(num_steps=4, log_every=1, eval_every=2, ckpt_every=2)
