@@ -81,7 +81,12 @@ def test_builtin_tiles():
     assert tile.shape == (builtin.TILE, builtin.TILE, 3) and tile.dtype == np.uint8
   assert not {_digest(t) for t in train} & {_digest(t) for t in val}
   source = sources.make_source(_config(), "validation")
-  assert len(source) == len(val) and np.array_equal(source[0], val[0])
+  assert len(source) == len(val) and np.array_equal(source[0]["image"], val[0])
+  # Every tile knows its photo: a class label and a caption for conditioned demos.
+  record = source[len(val) - 1]
+  photo = builtin.PHOTOS[record["label"]]
+  assert photo in builtin.VALIDATION_PHOTOS and record["caption"] == builtin.CAPTIONS[photo]
+  assert set(builtin.CAPTIONS) == set(builtin.PHOTOS)
   with pytest.raises(ValueError, match="no split 'test'"):
     sources.make_source(_config(), "test")
 

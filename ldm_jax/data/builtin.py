@@ -27,6 +27,24 @@ PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg",
           "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg",
           "camera.png", "coins.png", "brick.png", "grass.png", "gravel.png", "moon.png")
 VALIDATION_PHOTOS = ("chelsea.png", "rocket.jpg")
+# What each photo shows, for text-conditioned demos; a tile's label is its photo's index.
+CAPTIONS = {
+    "astronaut.png": "a portrait of an astronaut in a white spacesuit in front of a flag",
+    "chelsea.png": "a ginger tabby cat looking to the side",
+    "coffee.png": "a cup of coffee on a saucer seen from above",
+    "hubble_deep_field.jpg": "galaxies scattered across the black of deep space",
+    "ihc.png": "a stained tissue section under a microscope",
+    "motorcycle_left.png": "a motorcycle parked in a workshop",
+    "motorcycle_right.png": "a motorcycle parked in a workshop",
+    "retina.jpg": "a photograph of the retina with red blood vessels",
+    "rocket.jpg": "a rocket standing on its launch pad under a blue sky",
+    "camera.png": "a black and white photo of a man with a camera on a tripod",
+    "coins.png": "a black and white photo of old coins on a dark background",
+    "brick.png": "a black and white photo of a brick wall",
+    "grass.png": "a black and white photo of grass",
+    "gravel.png": "a black and white photo of gravel",
+    "moon.png": "a black and white photo of the cratered surface of the moon",
+}
 SPLITS = ("train", "validation")
 
 
@@ -48,12 +66,21 @@ def tiles(photo: Image.Image) -> list[np.ndarray]:
           for r in range(rows) for c in range(cols)]
 
 
-@functools.cache
 def load_tiles(split: str) -> tuple[np.ndarray, ...]:
   """All tiles of `split` ("train" or "validation") in a fixed order; cached per process."""
+  return _load(split)[0]
+
+
+def tile_photos(split: str) -> tuple[str, ...]:
+  """The photo each tile of `split` comes from (its class and its caption)."""
+  return _load(split)[1]
+
+
+@functools.cache
+def _load(split: str) -> tuple[tuple[np.ndarray, ...], tuple[str, ...]]:
   if split not in SPLITS:
     raise ValueError(f"the builtin source has splits {SPLITS}, not {split!r}")
-  out = []
+  out, names = [], []
   for name in PHOTOS:
     if (name in VALIDATION_PHOTOS) != (split == "validation"):
       continue
@@ -62,14 +89,17 @@ def load_tiles(split: str) -> tuple[np.ndarray, ...]:
       logging.warning("builtin data: %s is missing from scikit-image's data folder", name)
       continue
     with path.open("rb") as f, Image.open(f) as photo:
-      out.extend(tiles(photo))
+      cut = tiles(photo)
+    out.extend(cut)
+    names.extend([name] * len(cut))
   for tile in out:
     tile.flags.writeable = False  # shared by every reader of the cache
-  return tuple(out)
+  return tuple(out), tuple(names)
 
 
 class BuiltinSource:
-  """Random access to the tiles of one split: uint8 [128, 128, 3] arrays.
+  """Random access to the tiles of one split: {"image": uint8 [128, 128, 3], "label": the
+  photo's index in PHOTOS, "caption": its CAPTIONS entry}.
 
   Only the split name is pickled; grain worker processes rebuild the tiles themselves.
   """
@@ -82,8 +112,10 @@ class BuiltinSource:
   def __len__(self) -> int:
     return len(load_tiles(self.split))
 
-  def __getitem__(self, index: int) -> np.ndarray:
-    return load_tiles(self.split)[index]
+  def __getitem__(self, index: int) -> dict:
+    tiles_, names = _load(self.split)
+    name = names[index]
+    return {"image": tiles_[index], "label": PHOTOS.index(name), "caption": CAPTIONS[name]}
 
   def __repr__(self) -> str:
     return f"BuiltinSource({self.split!r})"

@@ -33,6 +33,7 @@ import grain
 import numpy as np
 
 from ldm_jax.data import images
+from ldm_jax.data.conditions import ConditionSpec, FieldReader
 from ldm_jax.data.sources import make_source
 
 _SKIPPED = "skipped"
@@ -67,10 +68,15 @@ class Decode(grain.transforms.MapWithIndex):
   Runs on source indices (before shuffling), so a warning names the file or the record.
   """
 
-  def __init__(self, image_size: int, label: str, image_key: str = "image"):
+  def __init__(self, image_size: int, label: str, image_key: str = "image",
+               fields: FieldReader | None = None):
     self.image_size = image_size
     self.label = label
     self.image_key = image_key
+    self.fields = fields
+
+  def conditions(self, record: Any) -> dict:
+    return self.fields(record) if self.fields is not None else {}
 
   def decode(self, index: int, record: Any) -> np.ndarray | None:
     try:
@@ -81,7 +87,7 @@ class Decode(grain.transforms.MapWithIndex):
 
   def map_with_index(self, index: int, element: Any) -> dict | None:
     pixels = self.decode(index, element)
-    return None if pixels is None else {"image": pixels}
+    return None if pixels is None else {"image": pixels, **self.conditions(element)}
 
 
 class DecodeOrBlank(Decode):
@@ -90,13 +96,15 @@ class DecodeOrBlank(Decode):
   def map_with_index(self, index: int, element: Any) -> dict:
     pixels = self.decode(index, element)
     if pixels is None:
-      return blank(self.image_size, skipped=1)
+      return blank(self.image_size, self.fields, skipped=1)
     crop = images.center_crop(pixels, self.image_size)
-    return {"image": images.to_float(crop), "mask": np.True_, _SKIPPED: np.int32(0)}
+    return {"image": images.to_float(crop), **self.conditions(element), "mask": np.True_,
+            _SKIPPED: np.int32(0)}
 
 
-def blank(image_size: int, skipped: int = 0) -> dict:
-  return {"image": np.zeros((image_size, image_size, 3), np.float32), "mask": np.False_,
+def blank(image_size: int, fields: FieldReader | None = None, skipped: int = 0) -> dict:
+  return {"image": np.zeros((image_size, image_size, 3), np.float32),
+          **(fields.blank() if fields is not None else {}), "mask": np.False_,
           _SKIPPED: np.int32(skipped)}
 
 
@@ -116,7 +124,7 @@ class Augment(grain.transforms.RandomMap):
       pixels = images.center_crop(pixels, self.image_size)
     if self.random_flip and rng.random() < 0.5:
       pixels = pixels[:, ::-1]
-    return {"image": images.to_float(pixels)}
+    return {**element, "image": images.to_float(pixels)}
 
 
 class DropUndecodable(grain.IterDataset):
@@ -188,10 +196,17 @@ def _read_options(data_config, local_batch: int) -> grain.ReadOptions:
                            prefetch_buffer_size=max(2 * local_batch, 16))
 
 
+def _reader(conditions: ConditionSpec | None, source) -> FieldReader | None:
+  if conditions is None or not conditions.fields:
+    return None
+  return FieldReader(conditions, source.folder_root)
+
+
 def train_iterator(data_config, *, global_batch_size: int, seed: int,
-                   process_index: int | None = None,
-                   process_count: int | None = None) -> grain.DatasetIterator:
-  """Endless shuffled batches {"image": float32 [b, S, S, 3]} of this host's shard.
+                   process_index: int | None = None, process_count: int | None = None,
+                   conditions: ConditionSpec | None = None) -> grain.DatasetIterator:
+  """Endless shuffled batches {"image": float32 [b, S, S, 3]} of this host's shard, plus
+  the `conditions` fields ("label" [b], "tokens" [b, L]) when asked for.
 
   b = global_batch_size // process_count; process index and count default to JAX's. Hosts
   take disjoint strided shards of the split (record i goes to host i % process_count);
@@ -205,7 +220,8 @@ def train_iterator(data_config, *, global_batch_size: int, seed: int,
   source = make_source(data_config, data_config.split)
   size = int(data_config.image_size)
   ds = grain.MapDataset.source(source).map_with_index(
-      Decode(size, source.label, data_config.get("image_key", "image")))
+      Decode(size, source.label, data_config.get("image_key", "image"),
+             _reader(conditions, source)))
   ds = ds[hosts.shard_index::hosts.shard_count]
   if not len(ds):
     raise ValueError(f"{source.label} has no records for process {hosts.shard_index} of "
@@ -228,8 +244,8 @@ def train_iterator(data_config, *, global_batch_size: int, seed: int,
 
 
 def eval_batches(data_config, split: str, *, batch_size: int, max_examples: int | None = None,
-                 process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[dict]:
+                 process_index: int | None = None, process_count: int | None = None,
+                 conditions: ConditionSpec | None = None) -> Iterator[dict]:
   """One deterministic pass over the first `max_examples` records of `split` (all if None).
 
   Yields {"image": float32 [b, S, S, 3], "mask": bool [b]} with b = batch_size //
@@ -247,20 +263,21 @@ def eval_batches(data_config, split: str, *, batch_size: int, max_examples: int 
   total = len(source) if max_examples is None else min(len(source), int(max_examples))
   if not total:
     return iter(())
+  reader = _reader(conditions, source)
   ds = grain.MapDataset.source(source).map_with_index(
-      DecodeOrBlank(size, source.label, data_config.get("image_key", "image")))
+      DecodeOrBlank(size, source.label, data_config.get("image_key", "image"), reader))
   ds = ds[:total][hosts.shard_index::hosts.shard_count]
   per_host = -(-total // hosts.shard_count)
   padding = -(-per_host // local_batch) * local_batch - len(ds)
   if padding:
-    pad = grain.MapDataset.range(padding).map(functools.partial(_blank_for, size))
+    pad = grain.MapDataset.range(padding).map(functools.partial(_blank_for, size, reader))
     ds = grain.MapDataset.concatenate([ds, pad]) if len(ds) else pad
   it = ds.to_iter_dataset(_read_options(data_config, local_batch))
   return iter(it.batch(local_batch).map(CountSkipped()))
 
 
-def _blank_for(image_size: int, _: int) -> dict:
-  return blank(image_size)
+def _blank_for(image_size: int, reader: FieldReader | None, _: int) -> dict:
+  return blank(image_size, reader)
 
 
 def iterator_save_args(iterator: grain.DatasetIterator):

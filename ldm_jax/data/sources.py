@@ -47,6 +47,7 @@ class Source:
   records: Any
   label: str
   indices: Sequence[int] | None = None
+  folder_root: str | None = None  # image folders: where class subfolders are counted from
 
   def __len__(self) -> int:
     return len(self.records if self.indices is None else self.indices)
@@ -179,7 +180,7 @@ def _folder(data_config, split: str) -> Source:
                      f"--config.data.path at a folder of .jpg/.jpeg/.png/.webp images")
   own = os.path.join(root, split)
   if os.path.isdir(own):
-    return Source(_nonempty(own), f"folder {own!r}")
+    return Source(_nonempty(own), f"folder {own!r}", folder_root=own)
   if split not in (data_config.split, data_config.val_split):
     raise _unknown_split(split, data_config, f"folder {root!r}")
   train_root = os.path.join(root, data_config.split)
@@ -188,11 +189,12 @@ def _folder(data_config, split: str) -> Source:
   val_root = os.path.join(root, data_config.val_split)
   if os.path.isdir(val_root):  # here split is the training split: all but the val folder
     return Source(tuple(f for f in files if not f.startswith(val_root + os.sep)),
-                  f"folder {base!r}")
+                  f"folder {base!r}", folder_root=base)
   val = held_out([os.path.relpath(f, base) for f in files], _val_fraction(data_config))
   want_val = split == data_config.val_split
   return Source(tuple(f for f in files if (os.path.relpath(f, base) in val) == want_val),
-                f"{'held-out' if want_val else 'remaining'} share of folder {base!r}")
+                f"{'held-out' if want_val else 'remaining'} share of folder {base!r}",
+                folder_root=base)
 
 
 def _nonempty(root: str) -> tuple[str, ...]:
