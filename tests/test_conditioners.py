@@ -152,3 +152,24 @@ def test_wordpiece_errors(tmp_path):
   bad.write_text("a\nb\n")
   with pytest.raises(ValueError, match="special tokens"):
     WordPieceTokenizer(str(bad))
+
+
+def test_conditioner_null_conditions():
+  from ldm_jax.models.conditioners import Conditioner
+  tok = ByteTokenizer(max_length=SPEC.max_length)
+  text = Conditioner("text", rngs=nnx.Rngs(0), text=dataclasses_replace(SPEC, vocab_size=259),
+                     null_tokens=tok([""])[0])
+  null = text.null_fields(3)
+  np.testing.assert_array_equal(null["tokens"], np.stack([tok([""])[0]] * 3))
+  assert text(null).shape == (3, SPEC.max_length, SPEC.width) and text.fields == ("tokens",)
+  label = Conditioner("class", rngs=nnx.Rngs(0), num_classes=5, embed_dim=8)
+  np.testing.assert_array_equal(label.null_fields(2)["label"], [4, 4])
+  assert label({"label": jnp.array([0, 1])}).shape == (2, 1, 8)
+  assert Conditioner("none", rngs=nnx.Rngs(0))({}) is None
+  with pytest.raises(ValueError, match="cond.kind"):
+    Conditioner("concat", rngs=nnx.Rngs(0))
+
+
+def dataclasses_replace(spec, **changes):
+  import dataclasses
+  return dataclasses.replace(spec, **changes)

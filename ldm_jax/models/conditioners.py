@@ -8,6 +8,9 @@ Both return a context sequence [B, L, D] for the UNet's cross-attention:
   position embeddings, pre-norm blocks (LayerNorm, multi-head self-attention with bias-free
   q/k/v, LayerNorm, GELU MLP x4) and a final LayerNorm; every token attends to every
   other (no padding mask, as in the reference). Trained jointly with the UNet.
+
+`Conditioner` picks one by `cond.kind` and knows the null condition classifier-free
+guidance needs: the last class id, or the tokens of the empty caption.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ldm_jax.models.layers import torch_uniform_init
@@ -125,3 +129,47 @@ class TextEncoder(nnx.Module):
     for block in self.blocks:
       x = nnx.remat(lambda m, h: m(h))(block, x) if self.spec.remat else block(x)
     return self.final_norm(x)
+
+
+KINDS = ("none", "class", "text")
+
+
+class Conditioner(nnx.Module):
+  """Trained with the UNet; `null_fields` gives the unconditional input of the same shape."""
+
+  def __init__(self, kind: str, *, rngs: nnx.Rngs, num_classes: int = 0, embed_dim: int = 0,
+               text: TextEncoderSpec | None = None, null_tokens: np.ndarray | None = None):
+    if kind not in KINDS:
+      raise ValueError(f"cond.kind={kind!r} is not supported; choose one of {KINDS}")
+    self.kind = kind
+    encoder = None
+    if kind == "class":
+      encoder = ClassEmbedder(num_classes, embed_dim, rngs=rngs)
+    elif kind == "text":
+      if text is None or null_tokens is None:
+        raise ValueError("a text conditioner needs the encoder spec and the empty caption's "
+                         "tokens")
+      encoder = TextEncoder(text, rngs=rngs)
+      self.null_tokens = tuple(int(t) for t in np.asarray(null_tokens).reshape(-1))
+    self.encoder = nnx.data(encoder)  # None for unconditional models
+
+  @property
+  def fields(self) -> tuple[str, ...]:
+    return {"none": (), "class": ("label",), "text": ("tokens",)}[self.kind]
+
+  def null_fields(self, batch_size: int) -> dict:
+    if self.kind == "class":
+      return {"label": jnp.full((batch_size,), self.encoder.null_class, jnp.int32)}
+    if self.kind == "text":
+      return {"tokens": jnp.broadcast_to(jnp.asarray(self.null_tokens, jnp.int32),
+                                         (batch_size, len(self.null_tokens)))}
+    return {}
+
+  def __call__(self, fields: dict) -> jax.Array | None:
+    """The context for the UNet, or None when unconditional."""
+    if self.kind == "class":
+      return self.encoder(fields["label"])
+    if self.kind == "text":
+      return self.encoder(fields["tokens"])
+    return None
+
