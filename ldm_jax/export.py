@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
+from ldm_jax.logs import console_logging
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 _FORMAT = flags.DEFINE_enum("format", "diffusers", ["diffusers", "compvis"], "Layout.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (diffusers) or .safetensors (compvis).")
@@ -35,7 +37,7 @@ def export_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: bool
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
+  console_logging()
   export_workdir(_WORKDIR.value, _OUT.value, _FORMAT.value, _EMA.value, _STEP.value)
 
 

@@ -7,11 +7,12 @@ detected from the environment (Cloud TPU, SLURM) or set with the --coordinator_a
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from ldm_jax.logs import console_logging
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file, e.g. configs/kl_f8.py or configs/kl_f8.py:demo.",
@@ -23,17 +24,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-class _QuietLibraries:
-  """Keeps library INFO chatter (orbax per save, clu per step, jax's TPU probe) out of the
-  console; their warnings and errors still show."""
-
-  NOISY = ("/orbax/", "/grain/", "/clu/", "/jax/_src/xla_bridge.py")
-
-  def filter(self, record) -> bool:
-    return record.levelno >= std_logging.WARNING or not any(
-        part in record.pathname for part in self.NOISY)
 
 
 def _cluster_environment() -> bool:
@@ -55,10 +45,7 @@ def initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  # On the absl handler itself: it forwards records to its python_handler via emit(),
-  # which skips that handler's own filters.
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  console_logging()
   initialize_distributed()
   import jax
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),

@@ -1,0 +1,49 @@
+"""Encode a dataset once with an LDM config's frozen first stage.
+
+  python -m ldm_jax.cache_latents --config=configs/ldm_txt2img.py --out=DIR
+
+Then train with `--config.first_stage.cache_dir=DIR`. Run the same command on every host
+of a pod: each writes its own shard. See ldm_jax/data/latents.py for the format.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+
+from ldm_jax.logs import console_logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "An LDM config file.")
+_OUT = flags.DEFINE_string("out", None, "Output folder (default: first_stage.cache_dir).")
+_SPLITS = flags.DEFINE_list("splits", None, "Splits to encode (default: the train and "
+                            "validation splits of the config).")
+_MAX = flags.DEFINE_integer("max_examples", None, "Encode at most this many per split.")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Encoding batch (default: data.batch_size).")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console_logging()
+  config = _CONFIG.value
+  out = _OUT.value or config.first_stage.cache_dir
+  if not out:
+    raise app.UsageError("say where to write the cache: --out=DIR")
+  from ldm_jax.data import latents
+  from ldm_jax.data.sources import check_data
+  from ldm_jax.train.first_stage import load_first_stage
+  from ldm_jax.train.ldm_setup import condition_spec
+
+  check_data(config.data)
+  conditions = condition_spec(config)
+  model = load_first_stage(config.first_stage.path)
+  for split in _SPLITS.value or [config.data.split, config.data.val_split]:
+    count = latents.write_cache(model, config.data, split, out,
+                                batch_size=_BATCH.value or int(config.data.batch_size),
+                                conditions=conditions, max_examples=_MAX.value)
+    logging.info("cached %d examples of split %r in %s", count, split, out)
+
+
+if __name__ == "__main__":
+  app.run(main)
