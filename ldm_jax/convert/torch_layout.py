@@ -34,6 +34,8 @@ def _kernel_to_torch(a: np.ndarray) -> np.ndarray:
     return np.transpose(a, (3, 2, 0, 1))
   if a.ndim == 2:  # (I, O) -> (O, I)
     return a.T
+  if a.ndim == 3:  # conv1d (K, I, O) -> (O, I, K)
+    return np.transpose(a, (2, 1, 0))
   raise ValueError(f"unexpected kernel rank {a.ndim}")
 
 
@@ -42,6 +44,8 @@ def _kernel_from_torch(a: np.ndarray) -> np.ndarray:
     return np.transpose(a, (2, 3, 1, 0))
   if a.ndim == 2:
     return a.T
+  if a.ndim == 3:
+    return np.transpose(a, (2, 1, 0))
   raise ValueError(f"unexpected weight rank {a.ndim}")
 
 

@@ -1,0 +1,229 @@
+"""UNet weights in and out: diffusers `UNet2DConditionModel` folders and CompVis checkpoints.
+
+ldm_jax's UNet carries diffusers' module names, so a diffusers state dict loads as is; the
+CompVis layout (`input_blocks.N.M`, `middle_block`, `output_blocks`, `time_embed`, `out`)
+is a per-module rename computed from the spec, both ways. CompVis files may hold the UNet
+bare or under `model.diffusion_model.` (LDM checkpoints), optionally nested in
+`state_dict`; the EMA copy (`model_ema.*`) is not read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from ldm_jax.convert.files import (DIFFUSERS_WEIGHTS, WeightFileError, read_safetensors_metadata,
+                                   read_tensors, strip_nesting, write_diffusers_folder,
+                                   write_safetensors)
+from ldm_jax.convert.torch_layout import export_state, import_state
+from ldm_jax.models.unet import UNetModel, UNetSpec
+
+SPEC_METADATA_KEY = "ldm_jax.unet_spec"
+_RESNET_LEAVES = {"norm1": "in_layers.0", "conv1": "in_layers.2",
+                  "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+                  "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def _attention_levels(spec: UNetSpec) -> list[bool]:
+  return [2**level in spec.attention_resolutions for level in range(len(spec.channel_mult))]
+
+
+def module_renames(spec: UNetSpec) -> list[tuple[str, str, str]]:
+  """(ldm_jax prefix, CompVis prefix, kind) for every module; kind 'resnet' renames leaves."""
+  out = [("time_embedding.linear_1.", "time_embed.0.", "plain"),
+         ("time_embedding.linear_2.", "time_embed.2.", "plain"),
+         ("class_embedding.", "label_emb.", "plain"),
+         ("conv_in.", "input_blocks.0.0.", "plain"),
+         ("conv_norm_out.", "out.0.", "plain"), ("conv_out.", "out.2.", "plain"),
+         ("mid_block.resnets.0.", "middle_block.0.", "resnet"),
+         ("mid_block.attentions.0.", "middle_block.1.", "plain"),
+         ("mid_block.resnets.1.", "middle_block.2.", "resnet")]
+  resample = "resnet" if spec.resblock_updown else "plain"
+  attention = _attention_levels(spec)
+  levels = len(spec.channel_mult)
+  n = 0
+  for level in range(levels):
+    for j in range(spec.num_res_blocks):
+      n += 1
+      out.append((f"down_blocks.{level}.resnets.{j}.", f"input_blocks.{n}.0.", "resnet"))
+      if attention[level]:
+        out.append((f"down_blocks.{level}.attentions.{j}.", f"input_blocks.{n}.1.", "plain"))
+    if level != levels - 1:
+      n += 1
+      if spec.resblock_updown:
+        out.append((f"down_blocks.{level}.downsamplers.0.", f"input_blocks.{n}.0.", resample))
+      else:
+        out.append((f"down_blocks.{level}.downsamplers.0.conv.", f"input_blocks.{n}.0.op.",
+                    "plain"))
+  m = 0
+  for i, level in enumerate(reversed(range(levels))):
+    for j in range(spec.num_res_blocks + 1):
+      out.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{m}.0.", "resnet"))
+      if attention[level]:
+        out.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{m}.1.", "plain"))
+      if level and j == spec.num_res_blocks:
+        slot = 2 if attention[level] else 1
+        out.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{m}.{slot}.", resample))
+      m += 1
+  return out
+
+
+def _rename(tensors: dict[str, np.ndarray], renames, to_compvis: bool) -> dict[str, np.ndarray]:
+  pairs = []
+  for ours, theirs, kind in renames:
+    src, dst = (ours, theirs) if to_compvis else (theirs, ours)
+    pairs.append((src, dst, kind))
+  pairs.sort(key=lambda p: -len(p[0]))  # longest prefix first
+  out = {}
+  for key, value in tensors.items():
+    for src, dst, kind in pairs:
+      if key.startswith(src):
+        rest = key[len(src):]
+        if kind == "resnet":
+          rest = _rename_resnet_leaf(rest, to_compvis)
+        out[dst + rest] = value
+        break
+    else:
+      out[key] = value  # left for check_state to report
+  return out
+
+
+def _rename_resnet_leaf(rest: str, to_compvis: bool) -> str:
+  table = _RESNET_LEAVES if to_compvis else {v: k for k, v in _RESNET_LEAVES.items()}
+  for src, dst in table.items():
+    if rest.startswith(src + "."):
+      return dst + rest[len(src):]
+  return rest
+
+
+def to_compvis(tensors: dict[str, np.ndarray], spec: UNetSpec) -> dict[str, np.ndarray]:
+  return _rename(tensors, module_renames(spec), to_compvis=True)
+
+
+def from_compvis(tensors: dict[str, np.ndarray], spec: UNetSpec) -> dict[str, np.ndarray]:
+  return _rename(tensors, module_renames(spec), to_compvis=False)
+
+
+def diffusers_config(spec: UNetSpec) -> dict:
+  """config.json for diffusers' UNet2DConditionModel describing `spec` (or why it cannot)."""
+  problems = []
+  if not spec.use_spatial_transformer:
+    problems.append("legacy AttentionBlocks (use_spatial_transformer=False)")
+  if spec.resblock_updown:
+    problems.append("resampling inside ResBlocks (resblock_updown)")
+  if not spec.conv_resample:
+    problems.append("resampling without convs (conv_resample=False)")
+  if problems:
+    raise ValueError("diffusers' UNet2DConditionModel cannot hold this UNet: "
+                     + ", ".join(problems) + "; save it with format='compvis'")
+  attention = _attention_levels(spec)
+  widths = [spec.model_channels * m for m in spec.channel_mult]
+  heads = [spec.heads(w)[0] for w in widths]
+  return {
+      "_class_name": "UNet2DConditionModel",
+      "in_channels": spec.in_channels, "out_channels": spec.out_channels,
+      "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+      "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D"
+                         for a in reversed(attention)],
+      "mid_block_type": "UNetMidBlock2DCrossAttn",
+      "block_out_channels": widths, "layers_per_block": spec.num_res_blocks,
+      "cross_attention_dim": spec.context_dim,
+      # diffusers reads attention_head_dim as the number of heads (a historical quirk).
+      "attention_head_dim": heads,
+      "transformer_layers_per_block": spec.transformer_depth,
+      "use_linear_projection": spec.use_linear_in_transformer,
+      "num_class_embeds": spec.num_classes or None,
+      "resnet_time_scale_shift": "scale_shift" if spec.use_scale_shift_norm else "default",
+      "norm_num_groups": 32, "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0,
+      "act_fn": "silu", "center_input_sample": False, "downsample_padding": 1,
+      "mid_block_scale_factor": 1,
+  }
+
+
+def spec_from_diffusers_config(config: dict) -> UNetSpec:
+  """The UNetSpec of a UNet2DConditionModel config.json (SD-style topologies)."""
+  widths = list(config["block_out_channels"])
+  mc = widths[0]
+  mults = tuple(w // mc for w in widths)
+  heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+  heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(widths)
+  head_dims = {w // h for w, h in zip(widths, heads)}
+  attention = tuple(2**i for i, t in enumerate(config["down_block_types"])
+                    if "CrossAttn" in t)
+  depth = config.get("transformer_layers_per_block", 1)
+  if isinstance(depth, (list, tuple)):
+    depth = depth[0]
+  common = dict(in_channels=config["in_channels"], out_channels=config["out_channels"],
+                model_channels=mc, attention_resolutions=attention,
+                num_res_blocks=config["layers_per_block"], channel_mult=mults,
+                use_spatial_transformer=True, transformer_depth=int(depth),
+                context_dim=int(config["cross_attention_dim"]),
+                use_linear_in_transformer=bool(config.get("use_linear_projection", False)),
+                num_classes=int(config.get("num_class_embeds") or 0),
+                use_scale_shift_norm=config.get("resnet_time_scale_shift") == "scale_shift")
+  if len(set(heads)) == 1:
+    return UNetSpec(num_heads=heads[0], **common)
+  if len(head_dims) == 1:  # SD 2 style: a fixed head width
+    return UNetSpec(num_heads=-1, num_head_channels=head_dims.pop(), **common)
+  raise ValueError(f"attention heads {heads} over widths {widths} are neither a fixed count "
+                   "nor a fixed width; ldm_jax's UNet needs one of the two")
+
+
+def _spec_json(spec: UNetSpec) -> dict:
+  values = dataclasses.asdict(spec)
+  values.pop("dtype"), values.pop("remat")  # run-time choices, not architecture
+  return values
+
+
+def save_unet(model: UNetModel, path: str | os.PathLike, format: str = "diffusers") -> None:
+  """format="diffusers": a UNet2DConditionModel folder; "compvis": one .safetensors with
+  CompVis keys and ldm_jax's spec in its metadata. Written atomically."""
+  tensors = export_state(model)
+  if format == "diffusers":
+    write_diffusers_folder(tensors, diffusers_config(model.spec), path)
+  elif format == "compvis":
+    if Path(path).suffix != ".safetensors":
+      raise ValueError(f"a CompVis export is one .safetensors file; got {path}")
+    write_safetensors(to_compvis(tensors, model.spec), path,
+                      {SPEC_METADATA_KEY: json.dumps(_spec_json(model.spec))})
+  else:
+    raise ValueError(f"format must be 'diffusers' or 'compvis', got {format!r}")
+
+
+def load_unet(path: str | os.PathLike, spec: UNetSpec | Any = None) -> UNetModel:
+  """A UNetModel with the weights at `path`: a diffusers folder (or a pipeline folder with
+  unet/), or a CompVis .safetensors / .ckpt. `spec` (a UNetSpec or a config's `unet`
+  block) is needed for CompVis files that ldm_jax did not write."""
+  path = Path(path)
+  if spec is not None and not isinstance(spec, UNetSpec):
+    spec = UNetSpec.from_config(spec)
+  if path.is_dir():
+    folder = path / "unet" if (path / "unet" / DIFFUSERS_WEIGHTS).is_file() else path
+    if not (folder / DIFFUSERS_WEIGHTS).is_file():
+      raise WeightFileError(f"{path} has no {DIFFUSERS_WEIGHTS} (nor unet/{DIFFUSERS_WEIGHTS})")
+    if spec is None:
+      spec = spec_from_diffusers_config(json.loads((folder / "config.json").read_text()))
+    tensors, layout = read_tensors(folder / DIFFUSERS_WEIGHTS), "diffusers"
+  elif not path.exists():
+    raise WeightFileError(f"no weights at {path}")
+  else:
+    if spec is None and path.suffix == ".safetensors":
+      stored = read_safetensors_metadata(path).get(SPEC_METADATA_KEY)
+      spec = UNetSpec.from_config(json.loads(stored)) if stored else None
+    if spec is None:
+      raise ValueError(f"{path} does not say which UNet it holds: pass spec= (a UNetSpec, or "
+                       "the `unet` block of the LDM config that trained it)")
+    tensors = read_tensors(path)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("model_ema.")}
+    tensors = from_compvis(strip_nesting(tensors, "model.diffusion_model."), spec)
+    layout = "CompVis"
+  model = nnx.eval_shape(lambda: UNetModel(spec, rngs=nnx.Rngs(0)))
+  import_state(model, tensors, f"{path} ({layout} layout)",
+               hint="Check that the spec describes the UNet that made these weights.")
+  return model

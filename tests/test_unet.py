@@ -1,0 +1,197 @@
+"""The LDM UNet: parity with diffusers' UNet2DConditionModel, and its weight exchange."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from ldm_jax.convert.torch_layout import StateMismatchError, export_state, import_state
+from ldm_jax.convert.unet import (diffusers_config, from_compvis, load_unet, save_unet,
+                                  to_compvis)
+from ldm_jax.models.unet import LegacyAttention, ResBlock, UNetModel, UNetSpec, timestep_embedding
+
+# SD v1 topology at reduced width: heads by count, conv projections, cross-attention.
+SD1 = UNetSpec(in_channels=4, out_channels=4, model_channels=32, attention_resolutions=(4, 2, 1),
+               num_res_blocks=1, channel_mult=(1, 2, 2), num_heads=2,
+               use_spatial_transformer=True, context_dim=24)
+# SD v2 style: a fixed head width, linear projections, two transformer layers.
+SD2 = dataclasses.replace(SD1, num_heads=-1, num_head_channels=16,
+                          use_linear_in_transformer=True, transformer_depth=2,
+                          attention_resolutions=(2, 1))
+# Class-conditional with scale-shift ResBlocks, attention only below the top level.
+CLASSES = dataclasses.replace(SD1, num_classes=7, use_scale_shift_norm=True,
+                              attention_resolutions=(2,), num_res_blocks=2)
+# lsun-churches style: legacy attention, resampling inside ResBlocks (CompVis layout only).
+LEGACY = UNetSpec(in_channels=4, out_channels=4, model_channels=32,
+                  attention_resolutions=(1, 2), num_res_blocks=1, channel_mult=(1, 2),
+                  num_heads=2, use_scale_shift_norm=True, resblock_updown=True)
+
+
+def _inputs(spec, seed=0, size=16):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(2, size, size, spec.in_channels)).astype(np.float32)
+  t = np.array([3, 871])
+  context = (rng.normal(size=(2, 5, spec.context_dim)).astype(np.float32)
+             if spec.context_dim else None)
+  y = np.array([1, 6]) if spec.num_classes else None
+  return x, t, context, y
+
+
+def _diffusers(spec, seed=0):
+  from diffusers import UNet2DConditionModel
+  config = {k: v for k, v in diffusers_config(spec).items() if not k.startswith("_")}
+  model = UNet2DConditionModel(sample_size=16, **config).eval()
+  torch.manual_seed(seed)
+  with torch.no_grad():  # every weight random, so no zero init can hide a wrong formula
+    for p in model.parameters():
+      p.copy_(torch.randn_like(p) * 0.2)
+  return model
+
+
+def _ours_from(ref, spec):
+  model = UNetModel(spec, rngs=nnx.Rngs(0))
+  import_state(model, {k: v.numpy() for k, v in ref.state_dict().items()}, "diffusers")
+  return model
+
+
+@pytest.mark.parametrize("spec", [SD1, SD2, CLASSES], ids=["sd1", "sd2", "classes"])
+def test_matches_diffusers(spec):
+  ref = _diffusers(spec)
+  model = _ours_from(ref, spec)
+  x, t, context, y = _inputs(spec)
+  ours = model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(context),
+               None if y is None else jnp.asarray(y))
+  with torch.no_grad():
+    theirs = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
+                 encoder_hidden_states=torch.from_numpy(context),
+                 class_labels=None if y is None else torch.from_numpy(y)).sample
+  np.testing.assert_allclose(np.asarray(ours), theirs.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+
+
+def test_timestep_embedding_is_cos_first():
+  t = np.array([0, 5, 999])
+  emb = np.asarray(timestep_embedding(jnp.asarray(t), 8))
+  freqs = np.exp(-np.log(10000) * np.arange(4) / 4)
+  np.testing.assert_allclose(emb, np.concatenate([np.cos(t[:, None] * freqs),
+                                                  np.sin(t[:, None] * freqs)], 1), atol=1e-5)
+
+
+def test_updown_resblock_matches_diffusers_resnet():
+  from diffusers.models.resnet import ResnetBlock2D
+  for direction, kwargs in (("down", {"down": True}), ("up", {"up": True})):
+    ref = ResnetBlock2D(in_channels=32, out_channels=64, temb_channels=48, groups=32, eps=1e-5,
+                        time_embedding_norm="scale_shift", **kwargs).eval()
+    with torch.no_grad():
+      for p in ref.parameters():
+        p.copy_(torch.randn_like(p) * 0.2)
+    spec = dataclasses.replace(LEGACY, use_scale_shift_norm=True)
+    block = ResBlock(32, 48, 64, spec, rngs=nnx.Rngs(0), resample=direction)
+    import_state(block, {k: v.numpy() for k, v in ref.state_dict().items()}, "diffusers")
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 8, 8, 32)).astype(np.float32)
+    emb = rng.normal(size=(2, 48)).astype(np.float32)
+    with torch.no_grad():
+      theirs = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(emb))
+    np.testing.assert_allclose(np.asarray(block(jnp.asarray(x), jnp.asarray(emb))),
+                               theirs.permute(0, 2, 3, 1).numpy(), atol=1e-4, err_msg=direction)
+
+
+def test_legacy_attention_matches_the_reference_formula():
+  """CompVis AttentionBlock written out in torch: qkv conv1d, per-head [q, k, v] blocks,
+  q and k each scaled by ch^-1/4, softmax over keys, proj_out, residual."""
+  heads, channels = 2, 32
+  block = LegacyAttention(channels, dataclasses.replace(LEGACY, num_heads=heads),
+                          rngs=nnx.Rngs(0))
+  tensors = {k: torch.from_numpy(v) for k, v in export_state(block).items()}
+  tensors = {k: torch.randn_like(v) * 0.3 for k, v in tensors.items()}
+  import_state(block, {k: v.numpy() for k, v in tensors.items()}, "test")
+  x = torch.randn(2, channels, 4, 4)
+  b, c, h, w = x.shape
+  xn = torch.nn.functional.group_norm(x.reshape(b, c, -1), 32, tensors["norm.weight"],
+                                      tensors["norm.bias"], 1e-5)
+  qkv = torch.nn.functional.conv1d(xn, tensors["qkv.weight"], tensors["qkv.bias"])
+  q, k, v = qkv.reshape(b * heads, 3 * c // heads, -1).split(c // heads, dim=1)
+  scale = (c // heads)**-0.25
+  weight = torch.softmax(torch.einsum("bct,bcs->bts", q * scale, k * scale), dim=-1)
+  a = torch.einsum("bts,bcs->bct", weight, v).reshape(b, c, -1)
+  out = x + torch.nn.functional.conv1d(a, tensors["proj_out.weight"],
+                                       tensors["proj_out.bias"]).reshape(b, c, h, w)
+  ours = block(jnp.asarray(x.permute(0, 2, 3, 1).numpy()))
+  np.testing.assert_allclose(np.asarray(ours), out.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+
+
+def _flat(model):
+  return {k: np.asarray(v) for k, v in export_state(model).items()}
+
+
+@pytest.mark.parametrize("spec", [SD1, CLASSES, LEGACY], ids=["sd1", "classes", "legacy"])
+def test_compvis_round_trip_and_keys(tmp_path, spec):
+  model = UNetModel(spec, rngs=nnx.Rngs(1))
+  path = tmp_path / "unet.safetensors"
+  save_unet(model, path, format="compvis")
+  loaded = load_unet(path)
+  a, b = _flat(model), _flat(loaded)
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  compvis = to_compvis(export_state(model), spec)
+  assert "input_blocks.0.0.weight" in compvis and "out.2.weight" in compvis
+  assert "time_embed.0.weight" in compvis and "middle_block.1.norm.weight" in compvis
+  assert any(k.startswith("output_blocks.") and ".in_layers.0." in k for k in compvis)
+  assert from_compvis(compvis, spec).keys() == export_state(model).keys()
+  if spec.num_classes:
+    assert "label_emb.weight" in compvis
+
+
+def test_ldm_checkpoint_keys_and_diffusers_folder(tmp_path):
+  from ldm_jax.convert.files import write_safetensors
+  model = UNetModel(SD1, rngs=nnx.Rngs(2))
+  compvis = to_compvis(export_state(model), SD1)
+  ckpt = {f"model.diffusion_model.{k}": v for k, v in compvis.items()}
+  ckpt["first_stage_model.decoder.conv_out.weight"] = np.zeros((3, 4, 3, 3), np.float32)
+  write_safetensors(ckpt, tmp_path / "ldm.safetensors")
+  loaded = load_unet(tmp_path / "ldm.safetensors", spec=SD1)
+  np.testing.assert_array_equal(loaded.conv_out.kernel[...], model.conv_out.kernel[...])
+
+  save_unet(model, tmp_path / "unet", format="diffusers")
+  again = load_unet(tmp_path / "unet")  # spec read from config.json
+  assert again.spec == dataclasses.replace(SD1, attention_resolutions=(1, 2, 4))
+  from diffusers import UNet2DConditionModel
+  ref = UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
+  x, t, context, _ = _inputs(SD1, seed=3)
+  with torch.no_grad():
+    theirs = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
+                 encoder_hidden_states=torch.from_numpy(context)).sample
+  ours = model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(context))
+  np.testing.assert_allclose(np.asarray(ours), theirs.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+
+
+def test_bad_inputs(tmp_path):
+  with pytest.raises(ValueError, match="cannot hold"):
+    save_unet(UNetModel(LEGACY, rngs=nnx.Rngs(0)), tmp_path / "x", format="diffusers")
+  model = UNetModel(SD1, rngs=nnx.Rngs(0))
+  save_unet(model, tmp_path / "unet.safetensors", format="compvis")
+  with pytest.raises(StateMismatchError, match="wrong shape"):
+    load_unet(tmp_path / "unet.safetensors", spec=dataclasses.replace(SD1, context_dim=16))
+  with pytest.raises(ValueError, match="context"):
+    model(jnp.zeros((1, 16, 16, 4)), jnp.zeros((1,), jnp.int32))
+  with pytest.raises(ValueError, match="num_heads or num_head_channels"):
+    UNetSpec(num_heads=-1, num_head_channels=-1)
+
+
+def test_remat_and_bfloat16():
+  small = dataclasses.replace(SD1, channel_mult=(1, 2), attention_resolutions=(2,))
+  plain = UNetModel(small, rngs=nnx.Rngs(0))
+  remat = UNetModel(dataclasses.replace(small, remat=True), rngs=nnx.Rngs(0))
+  x, t, context = (jnp.asarray(a) for a in _inputs(small, size=8)[:3])
+  grad = nnx.jit(nnx.grad(lambda m: jnp.mean(m(x, t, context)**2)))
+  for a, b in zip(jax.tree.leaves(grad(plain)), jax.tree.leaves(grad(remat))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  bf16 = UNetModel(dataclasses.replace(small, dtype="bfloat16"), rngs=nnx.Rngs(0))
+  out = nnx.jit(lambda m: m(x, t, context))(bf16)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, plain(x, t, context), atol=0.1)
