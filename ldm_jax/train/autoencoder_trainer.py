@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any
 
@@ -36,6 +35,7 @@ from ldm_jax.train import checkpoint, mesh as mesh_lib
 from ldm_jax.train.images import save_grid
 from ldm_jax.train.autoencoder_setup import build_programs, check_config
 from ldm_jax.train.optim import learning_rate
+from ldm_jax.train.preemption import PreemptionFlag
 
 @dataclasses.dataclass
 class Run:
@@ -85,27 +85,6 @@ def initial_state(run: Run) -> step_lib.TrainState:
   disc = step_lib.build_discriminator(run.loss, run.spec.dtype, seed)
   return step_lib.new_state(model, disc, run.programs, bool(run.config.train.decoder_only),
                             seed)
-
-
-class PreemptionFlag:
-  """Set by SIGTERM; every host agrees on it before acting."""
-
-  def __init__(self):
-    self._flag = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint at the current step and exiting")
-    self._flag = True
-
-  def requested(self) -> bool:
-    if jax.process_count() == 1:
-      return self._flag
-    from jax.experimental import multihost_utils
-    return bool(multihost_utils.process_allgather(np.asarray(self._flag)).any())
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
 
 
 def _next_update_batch(iterator, accumulate: int, sharding, global_shape) -> dict:
