@@ -51,7 +51,10 @@ def main(argv):
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  from ldm_jax.train.autoencoder_trainer import train_and_evaluate
+  if _CONFIG.value.get("stage") == "ldm":
+    from ldm_jax.train.ldm_trainer import train_and_evaluate
+  else:
+    from ldm_jax.train.autoencoder_trainer import train_and_evaluate
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ldm_jax.models.layers import torch_uniform_init
+from ldm_jax.models.layers import remat_call, torch_uniform_init
 
 
 def _linear(d_in: int, d_out: int, *, rngs: nnx.Rngs, use_bias: bool = True,
@@ -127,7 +127,7 @@ class TextEncoder(nnx.Module):
     x = self.token_embedding(tokens.astype(jnp.int32)).astype(jnp.float32)
     x = x + self.position_embedding[...][:length]
     for block in self.blocks:
-      x = nnx.remat(lambda m, h: m(h))(block, x) if self.spec.remat else block(x)
+      x = remat_call(block, x) if self.spec.remat else block(x)
     return self.final_norm(x)
 
 

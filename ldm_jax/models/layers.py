@@ -53,3 +53,20 @@ class Normalize(nnx.GroupNorm):
 
   def __call__(self, x: jax.Array) -> jax.Array:  # pytype: disable=signature-mismatch
     return super().__call__(x.astype(jnp.float32))
+
+
+def remat_call(module: nnx.Module, *args, rngs: nnx.Rngs | None = None):
+  """`module(*args[, rngs])`, rematerialized in the backward pass.
+
+  A pure jax.checkpoint over the module's split state rather than nnx.remat, so it also
+  works on modules created outside the current trace (e.g. inside a sampler's scan).
+  A dropout key is drawn outside and handed in, so the caller's Rngs still advance.
+  """
+  graphdef, state = nnx.split(module)
+  key = rngs.dropout() if rngs is not None else None
+
+  def run(state, key, *args):
+    inner = nnx.merge(graphdef, state)
+    return inner(*args, nnx.Rngs(dropout=key)) if key is not None else inner(*args)
+
+  return jax.checkpoint(run)(state, key, *args)

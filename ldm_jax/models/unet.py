@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ldm_jax.models.layers import Normalize, conv, torch_uniform_init
+from ldm_jax.models.layers import Normalize, conv, remat_call, torch_uniform_init
 
 PAD_1 = ((1, 1), (1, 1))
 
@@ -414,11 +414,11 @@ class UNetModel(nnx.Module):
     self.conv_norm_out = Normalize(ch, eps=1e-5, rngs=rngs)
     self.conv_out = conv(ch, spec.out_channels, 3, padding=PAD_1, dtype=dtype, rngs=rngs)
 
-  def _block(self, module, x, *args):
+  def _block(self, module, x, extra, rngs):
     """Calls a block, rematerialized in the backward pass when the spec asks."""
     if self.spec.remat:
-      return nnx.remat(lambda m, h, *a: m(h, *a))(module, x, *args)
-    return module(x, *args)
+      return remat_call(module, x, extra, rngs=rngs)
+    return module(x, extra, rngs)
 
   def _resample(self, module, x, emb, rngs, direction):
     if isinstance(module, ResBlock):

@@ -28,3 +28,117 @@ def condition_spec(config: ml_collections.ConfigDict) -> ConditionSpec:
                      f"{sorted(FIELDS_BY_KIND)}")
   return ConditionSpec(fields=FIELDS_BY_KIND[kind], label_key=config.cond.label_key,
                        caption_key=config.cond.caption_key, tokenizer=tokenizer(config))
+
+
+KNOWN_KEYS = {
+    "first_stage": {"path", "kind", "downsample_factor", "scale_factor", "scale_by_std",
+                    "cache_dir"},
+    "diffusion": {"timesteps", "beta_schedule", "linear_start", "linear_end", "cosine_s",
+                  "parameterization", "loss_type", "learn_logvar", "logvar_init",
+                  "l_simple_weight", "original_elbo_weight"},
+    "cond": {"kind", "num_classes", "embed_dim", "dropout_prob", "vocab_file", "max_length",
+             "text_width", "text_depth", "text_heads", "text_head_dim", "caption_key",
+             "label_key"},
+    "optim": {"base_learning_rate", "scale_lr", "accumulate_grad_batches", "b1", "b2", "eps",
+              "weight_decay", "warmup_steps", "grad_clip_norm", "ema_decay"},
+    "sample": {"sampler", "steps", "eta", "guidance_scale", "num", "every"},
+    "train": {"num_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints",
+              "seed", "mesh"},
+}
+
+
+def check_config(config: ml_collections.ConfigDict):
+  """The UNet spec, after failing with a clear message on anything inconsistent."""
+  from ldm_jax.diffusion.samplers import SAMPLERS
+  from ldm_jax.models.unet import UNetSpec
+  for block, known in KNOWN_KEYS.items():
+    unknown = sorted(set(config[block].keys()) - known)
+    if unknown:
+      raise ValueError(f"unknown config keys {block}.{unknown}; valid: {sorted(known)}")
+  spec = UNetSpec.from_config(config.unet)
+  cond = config.cond
+  condition_spec(config)  # checks cond.kind
+  if cond.kind == "class" and cond.num_classes < 2:
+    raise ValueError("cond.kind='class' needs cond.num_classes >= 2 (the classes plus the "
+                     "null class used for guidance)")
+  width = {"class": cond.embed_dim, "text": cond.text_width}.get(cond.kind)
+  if width is not None and spec.context_dim != width:
+    raise ValueError(f"unet.context_dim={spec.context_dim} must equal the condition "
+                     f"encoder's width {width} (cond.embed_dim / cond.text_width)")
+  if cond.kind == "none" and spec.use_spatial_transformer:
+    raise ValueError("an unconditional model has no context for cross-attention: set "
+                     "unet.use_spatial_transformer=False")
+  if config.data.image_size % config.first_stage.downsample_factor:
+    raise ValueError(f"data.image_size={config.data.image_size} is not divisible by the first "
+                     f"stage's factor {config.first_stage.downsample_factor}")
+  latent = config.data.image_size // config.first_stage.downsample_factor
+  if latent % 2**(len(spec.channel_mult) - 1):
+    raise ValueError(f"latents of {latent}x{latent} cannot go down "
+                     f"{len(spec.channel_mult) - 1} times in the UNet; change data.image_size "
+                     "or unet.channel_mult")
+  if config.sample.sampler not in SAMPLERS:
+    raise ValueError(f"sample.sampler={config.sample.sampler!r}; choose one of {SAMPLERS}")
+  if not 1 <= config.sample.steps <= config.diffusion.timesteps:
+    raise ValueError(f"sample.steps={config.sample.steps} must be in [1, "
+                     f"{config.diffusion.timesteps}]")
+  for key in ("num_steps", "log_every", "ckpt_every"):
+    if config.train[key] < 1:
+      raise ValueError(f"train.{key}={config.train[key]} must be >= 1")
+  if config.data.batch_size < 1:
+    raise ValueError(f"data.batch_size={config.data.batch_size} must be >= 1")
+  if not 0 <= config.cond.dropout_prob < 1:
+    raise ValueError(f"cond.dropout_prob={config.cond.dropout_prob} must be in [0, 1)")
+  if not (config.first_stage.path or config.first_stage.cache_dir):
+    raise ValueError("set first_stage.path to the autoencoder (an ldm_jax workdir or PyTorch "
+                     "weights), or first_stage.cache_dir to a latent cache")
+  return spec
+
+
+def build_model(config: ml_collections.ConfigDict, spec, seed: int):
+  from flax import nnx
+
+  from ldm_jax.models.conditioners import Conditioner, TextEncoderSpec
+  from ldm_jax.train.ldm_step import LatentDiffusion
+  rngs = nnx.Rngs(seed)
+  cond = config.cond
+  text, null_tokens = None, None
+  if cond.kind == "text":
+    tok = tokenizer(config)
+    text = TextEncoderSpec(vocab_size=tok.vocab_size, max_length=int(cond.max_length),
+                           width=int(cond.text_width), depth=int(cond.text_depth),
+                           heads=int(cond.text_heads), head_dim=int(cond.text_head_dim),
+                           dtype=spec.dtype, remat=spec.remat)
+    null_tokens = tok([""])[0]
+  conditioner = Conditioner(cond.kind, rngs=rngs, num_classes=int(cond.num_classes),
+                            embed_dim=int(cond.embed_dim), text=text, null_tokens=null_tokens)
+  return LatentDiffusion(spec, conditioner, int(config.diffusion.timesteps),
+                         learn_logvar=bool(config.diffusion.learn_logvar),
+                         logvar_init=float(config.diffusion.logvar_init), rngs=rngs)
+
+
+def build_programs(config: ml_collections.ConfigDict, first_stage_def):
+  """(spec, programs): everything static the step needs."""
+  from flax import nnx
+
+  from ldm_jax.diffusion.schedules import Schedule
+  from ldm_jax.losses.diffusion import DiffusionLossConfig
+  from ldm_jax.train.ldm_step import LDMPrograms, adamw
+  from ldm_jax.train.optim import learning_rate
+  spec = check_config(config)
+  model_def = nnx.split(nnx.eval_shape(lambda: build_model(config, spec, 0)),
+                        nnx.Param, ...)[0]
+  lr = learning_rate(config.optim, int(config.data.batch_size))
+  programs = LDMPrograms(
+      model_def=model_def, first_stage_def=first_stage_def, tx=adamw(config.optim, lr),
+      schedule=Schedule.from_config(config.diffusion),
+      loss=DiffusionLossConfig.from_config(config.diffusion),
+      cond_fields=FIELDS_BY_KIND[config.cond.kind],
+      cond_dropout=float(config.cond.dropout_prob), ema_decay=float(config.optim.ema_decay))
+  return spec, programs
+
+
+def abstract_state(config, spec, programs):
+  import jax
+
+  from ldm_jax.train.ldm_step import new_state
+  return jax.eval_shape(lambda: new_state(build_model(config, spec, 0), programs, 1.0, 0))

@@ -1,0 +1,160 @@
+"""The LDM train state and its jit-compiled update.
+
+What trains: the UNet, the condition encoder (class embedder or text transformer, trained
+jointly as in the paper) and, with learn_logvar, the per-timestep log-variance. The first
+stage is frozen and passed to the step as a separate, replicated argument; the latent
+`scale_factor` lives in the state, so a resumed run keeps the one scale_by_std chose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from ldm_jax.data.latents import sample_latents
+from ldm_jax.diffusion.schedules import Schedule
+from ldm_jax.losses.diffusion import DiffusionLossConfig, diffusion_loss, drop_conditions
+from ldm_jax.models.conditioners import Conditioner
+from ldm_jax.models.layers import Buffer
+from ldm_jax.models.unet import UNetModel, UNetSpec
+from ldm_jax.train import first_stage
+from ldm_jax.train import mesh as mesh_lib
+from ldm_jax.train.autoencoder_step import merge
+from ldm_jax.train.optim import ema_update
+
+sg = jax.lax.stop_gradient
+
+
+class LatentDiffusion(nnx.Module):
+  """The trained part of an LDM: denoiser, condition encoder, per-t log-variance."""
+
+  def __init__(self, unet: UNetSpec, conditioner: Conditioner, timesteps: int, *,
+               learn_logvar: bool, logvar_init: float, rngs: nnx.Rngs):
+    self.unet = UNetModel(unet, rngs=rngs)
+    self.cond = conditioner
+    table = jnp.full((timesteps,), logvar_init, jnp.float32)
+    self.logvar = nnx.Param(table) if learn_logvar else Buffer(table)
+
+  def __call__(self, x_t: jax.Array, t: jax.Array, fields: dict) -> jax.Array:
+    return self.unet(x_t, t, self.cond(fields))
+
+
+@struct.dataclass
+class LDMState:
+  step: jax.Array
+  params: nnx.State
+  rest: nnx.State
+  opt_state: Any
+  ema: nnx.State | None
+  scale_factor: jax.Array  # float32 scalar; scale_by_std sets it from the first batch
+  rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LDMPrograms:
+  model_def: nnx.GraphDef
+  first_stage_def: nnx.GraphDef
+  tx: optax.GradientTransformation
+  schedule: Schedule
+  loss: DiffusionLossConfig
+  cond_fields: tuple[str, ...]
+  cond_dropout: float
+  ema_decay: float
+
+
+def adamw(optim, lr: float) -> optax.GradientTransformation:
+  """AdamW with torch's defaults unless configured, a linear warm-up from 1e-6 * lr (the
+  reference's LambdaLinearScheduler with f_start 1e-6), optional global-norm clipping."""
+  warmup = int(optim.get("warmup_steps", 0))
+  schedule = (optax.join_schedules([optax.linear_schedule(lr * 1e-6, lr, warmup),
+                                    optax.constant_schedule(lr)], [warmup])
+              if warmup > 0 else lr)
+  tx = optax.adamw(schedule, b1=float(optim.get("b1", 0.9)), b2=float(optim.get("b2", 0.999)),
+                   eps=float(optim.get("eps", 1e-8)),
+                   weight_decay=float(optim.get("weight_decay", 0.01)))
+  clip = float(optim.get("grad_clip_norm", 0.0) or 0.0)
+  return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
+
+
+def new_state(model: LatentDiffusion, programs: LDMPrograms, scale_factor: float,
+              seed: int) -> LDMState:
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  return LDMState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                  opt_state=programs.tx.init(params),
+                  ema=jax.tree.map(jnp.copy, params) if programs.ema_decay > 0 else None,
+                  scale_factor=jnp.asarray(scale_factor, jnp.float32),
+                  rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def latents_of(programs: LDMPrograms, batch: dict, first_stage_state, key) -> jax.Array:
+  """Unscaled latents: from cached moments when the batch has them, else encoded."""
+  if "mean" in batch:
+    return sample_latents(batch, key)
+  model = merge(programs.first_stage_def, first_stage_state)
+  return first_stage.encode(model, batch["image"], key)
+
+
+def make_train_step(programs: LDMPrograms) -> Callable:
+  """step(state, batch, first_stage_state) -> (state, metrics)."""
+
+  def step_fn(state: LDMState, batch: dict, first_stage_state) -> tuple[LDMState, dict]:
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    latent_key, drop_key, loss_key = jax.random.split(key, 3)
+    z = sg(latents_of(programs, batch, first_stage_state, latent_key)) * state.scale_factor
+    fields = {name: batch[name] for name in programs.cond_fields}
+
+    def loss_fn(params):
+      model = merge(programs.model_def, params, state.rest)
+      used = drop_conditions(fields, model.cond.null_fields(z.shape[0]),
+                             programs.cond_dropout, drop_key)
+      context = model.cond(used)
+      apply = lambda x_t, t: model.unet(x_t, t, context)
+      return diffusion_loss(programs.loss, programs.schedule, apply, z, loss_key,
+                            model.logvar[...])
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = programs.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema
+    if ema is not None:
+      ema = ema_update(ema, params, programs.ema_decay, state.step + 1)
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
+               "latent_std": jnp.std(z)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema=ema), metrics
+
+  return step_fn
+
+
+def jit_train_step(programs: LDMPrograms, mesh, state_shardings, batch_spec: dict,
+                   first_stage_state):
+  """The step over `mesh`: state sharded by the fsdp rules and donated, every batch field
+  split along its first axis, the first stage replicated."""
+  replicated = mesh_lib.replicated(mesh)
+  batch = {k: mesh_lib.batch_sharding(mesh) for k in batch_spec}
+  frozen = jax.tree.map(lambda _: replicated, first_stage_state)
+  return jax.jit(make_train_step(programs), in_shardings=(state_shardings, batch, frozen),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def eval_model(programs: LDMPrograms, state: LDMState, use_ema: bool = True) -> LatentDiffusion:
+  params = state.ema if (use_ema and state.ema is not None) else state.params
+  return merge(programs.model_def, params, state.rest)
+
+
+def scale_by_std(programs: LDMPrograms, batch: dict, first_stage_state, rng) -> jax.Array:
+  """1 / std of the first batch's latents (the reference draws them the same way)."""
+  z = latents_of(programs, batch, first_stage_state, jax.random.wrap_key_data(rng))
+  return first_stage.std_scale_factor(z)
+
+
+def describe(programs: LDMPrograms) -> str:
+  return (f"{programs.schedule.timesteps} timesteps, {programs.loss.parameterization} "
+          f"prediction, {programs.loss.loss_type} loss, conditioned on "
+          f"{list(programs.cond_fields) or 'nothing'}")
+
