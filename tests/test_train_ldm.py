@@ -62,6 +62,22 @@ def test_text_ldm_trains_samples_and_resumes_with_the_same_scale(tmp_path, kl_we
   state, step = _saved_state(tmp_path)
   assert step == 6 and float(state.scale_factor) == scale  # kept, not recomputed
 
+  # The sampling command on the finished run.
+  import subprocess
+  import sys
+  out = tmp_path / "grid.png"
+  command = [sys.executable, "-m", "ldm_jax.sample", f"--workdir={tmp_path}", "--num=3",
+             "--batch=3", "--steps=3", "--sampler=plms", "--guidance=2", "--prompt=a cat",
+             f"--out={out}"]
+  proc = subprocess.run(command, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  from PIL import Image
+  assert Image.open(out).size == (4 * 32, 32)  # one row of a 4-wide grid
+  bad = subprocess.run(command[:-3] + ["--class_id=2"], env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "--prompt" in bad.stderr
+
 
 def test_guidance_changes_class_conditional_samples(tmp_path):
   weights = tmp_path / "vq.safetensors"

@@ -47,12 +47,13 @@ class LDMRun:
   global_batch: int
 
 
-def build_run(config: ml_collections.ConfigDict, workdir: str) -> LDMRun:
+def build_run(config: ml_collections.ConfigDict, workdir: str,
+              check_training_data: bool = True) -> LDMRun:
   """Loads and checks everything; nothing is compiled yet."""
   if not config.first_stage.path:
     raise ValueError("set first_stage.path: the autoencoder that made (or decodes) the "
                      "latents, an ldm_jax workdir or PyTorch weights")
-  if not config.first_stage.cache_dir:
+  if check_training_data and not config.first_stage.cache_dir:
     check_data(config.data)
   mesh = mesh_lib.make_mesh(config.train.mesh)
   global_batch = int(config.data.batch_size)
@@ -82,7 +83,7 @@ def _iterator(run: LDMRun):
 
 
 def make_sampler(run: LDMRun):
-  """jit(state, fields, key) -> images in [-1, 1], for a batch of condition fields."""
+  """jit(state, fields, first_stage_state, key, num=, negative=None) -> images in [-1, 1]."""
   config, programs = run.config, run.programs
   factor = int(config.first_stage.downsample_factor)
   size = int(config.data.image_size) // factor
@@ -90,13 +91,15 @@ def make_sampler(run: LDMRun):
   sample_cfg = config.sample
   fs_def = programs.first_stage_def
 
-  def sample(state, fields, fs_state, key, num: int):
+  def sample(state, fields, fs_state, key, num: int, negative=None):
+    """`negative`: condition fields to guide away from, instead of the null condition."""
     model = ldm_step.eval_model(programs, state)
     noise_key, sampler_key = jax.random.split(key)
     x = jax.random.normal(noise_key, (num, size, size, channels), jnp.float32)
+    uncond = negative if negative is not None else model.cond.null_fields(num)
     # The contexts do not change along the sampling loop: encode them once.
     fn = samplers.guided(lambda x_t, t, context: model.unet(x_t, t, context),
-                         model.cond(fields), model.cond(model.cond.null_fields(num)),
+                         model.cond(fields), model.cond(uncond),
                          float(sample_cfg.guidance_scale) if fields else 1.0)
     z = samplers.sample(sample_cfg.sampler, fn, x, programs.schedule, int(sample_cfg.steps),
                         parameterization=programs.loss.parameterization,
@@ -106,7 +109,7 @@ def make_sampler(run: LDMRun):
   return jax.jit(sample, static_argnames=("num",))
 
 
-def _grid(images: np.ndarray, columns: int = 4) -> np.ndarray:
+def grid(images: np.ndarray, columns: int = 4) -> np.ndarray:
   images = np.clip((np.asarray(images) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
   n, h, w, c = images.shape
   rows = -(-n // columns)
@@ -181,10 +184,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         totals, count, t_log = None, 0, time.time()
       if step % int(config.sample.every) == 0 or step == num_steps:
         images = sampler(state, sample_fields, fs_state, jax.random.key(step), num=num_samples)
-        grid = _grid(jax.device_get(images))
+        image = grid(jax.device_get(images))
         if jax.process_index() == 0:
-          writer.write_images(step, {"samples": grid[None]})
-          save_grid(grid, os.path.join(workdir, "images", f"samples_{step:07d}.png"))
+          writer.write_images(step, {"samples": image[None]})
+          save_grid(image, os.path.join(workdir, "images", f"samples_{step:07d}.png"))
       saved = False
       if step % int(config.train.ckpt_every) == 0 or step == num_steps:
         saved = checkpoint.save(manager, step, state, iterator)
