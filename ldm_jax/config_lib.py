@@ -142,8 +142,8 @@ def _shrink_ldm(config: ml_collections.ConfigDict, *, tiny: bool) -> None:
     config.cond.dropout_prob = 0.1
   config.optim.update(base_learning_rate=2e-4, scale_lr=False, warmup_steps=0, ema_decay=0.99)
   config.data.update(image_size=64, batch_size=8)
-  config.sample.update(steps=20, num=8, every=200)
-  config.train.update(num_steps=600, log_every=50, eval_every=200, ckpt_every=200)
+  config.sample.update(steps=20, num=8, every=1000)
+  config.train.update(num_steps=3000, log_every=100, eval_every=1000, ckpt_every=1000)
   if tiny:
     config.unet.update(num_res_blocks=1, channel_mult=(1, 2))
     config.data.update(image_size=32, batch_size=2)

@@ -74,6 +74,19 @@ def test_text_ldm_trains_samples_and_resumes_with_the_same_scale(tmp_path, kl_we
   assert proc.returncode == 0, proc.stderr[-3000:]
   from PIL import Image
   assert Image.open(out).size == (4 * 32, 32)  # one row of a 4-wide grid
+  from ldm_jax.convert import load_autoencoder
+  from ldm_jax.convert.unet import load_unet
+  from ldm_jax.export import export_ldm_workdir
+  assert export_ldm_workdir(str(tmp_path), str(tmp_path / "ldm.safetensors"), "compvis") == 6
+  unet = load_unet(tmp_path / "ldm.safetensors", spec=dict(config.unet))
+  load_autoencoder(tmp_path / "ldm.safetensors")  # first_stage_model.* of the same file
+  export_ldm_workdir(str(tmp_path), str(tmp_path / "ldm_diffusers"), "diffusers")
+  from diffusers import AutoencoderKL, UNet2DConditionModel
+  UNet2DConditionModel.from_pretrained(tmp_path / "ldm_diffusers" / "unet")
+  vae = AutoencoderKL.from_pretrained(tmp_path / "ldm_diffusers" / "vae")
+  assert abs(vae.config.scaling_factor - scale) < 1e-6
+  assert (tmp_path / "ldm_diffusers" / "cond" / "model.safetensors").exists()
+  del unet
   bad = subprocess.run(command[:-3] + ["--class_id=2"], env=dict(os.environ, JAX_PLATFORMS="cpu"),
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "--prompt" in bad.stderr
