@@ -27,23 +27,11 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from ldm_jax.losses.autoencoder import LossConfig
-from ldm_jax.models.autoencoder import AutoencoderSpec, build_autoencoder
+from ldm_jax.models.autoencoder import build_autoencoder
 from ldm_jax.models.lpips import make_lpips
 from ldm_jax.train import autoencoder_step as step_lib
+from ldm_jax.train.autoencoder_setup import build_programs
 from ldm_jax.train.optim import adam, learning_rate
-
-try:
-  from ldm_jax.train.autoencoder_trainer import build_programs
-except ImportError:  # the trainer also imports the data pipeline
-  def build_programs(config, lpips_def=None):
-    """The trainer's build_programs, for checkouts where its data imports fail: the
-    step does not need data, and the benchmark should not either."""
-    spec, loss = AutoencoderSpec.from_config(config.model), LossConfig.from_config(config.loss)
-    lr = learning_rate(config.optim, int(config.data.batch_size))
-    return spec, step_lib.make_programs(
-        spec, loss, adam(config.optim, lr), adam(config.optim, lr),
-        float(config.optim.ema_decay), bool(config.train.decoder_only), lpips_def)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file, e.g. configs/kl_f8.py or configs/kl_f8.py:demo; "
