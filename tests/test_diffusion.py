@@ -1,5 +1,11 @@
 """Schedules and samplers against diffusers' schedulers, on a toy model both sides share."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,9 +65,14 @@ def test_schedules_match_diffusers(name, theirs):
   ours = beta_schedule(name, T, START, END)
   reference = DDPMScheduler(num_train_timesteps=T, beta_start=START, beta_end=END,
                             beta_schedule=theirs).betas.numpy()
-  # diffusers builds the cosine schedule from the continuous alpha_bar(t) without the
-  # renormalisation by alpha_bar(0); the two agree to ~1e-5.
-  np.testing.assert_allclose(ours, reference, atol=2e-5 if name == "cosine" else 1e-7)
+  # diffusers' "squaredcos_cap_v2" takes betas as ratios of the continuous alpha_bar(t) with
+  # the same s=0.008 and cap 0.999; the reference divides alpha_bar by alpha_bar(0) first,
+  # which cancels in the ratio. So they differ only where diffusers rounds: it stores betas
+  # in float32 (our float64 betas cast to float32 are bit-equal), while its linear
+  # schedules are built by torch.linspace in float32 (differences ~1e-9).
+  if name == "cosine":
+    np.testing.assert_array_equal(ours.astype(np.float32), reference)
+  np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
@@ -93,24 +104,76 @@ def test_ddim_with_eta_matches_diffusers_given_the_same_noise():
   np.testing.assert_allclose(ours, sample.numpy(), atol=1e-5)
 
 
+def _prediction_type(parameterization):
+  return {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[parameterization]
+
+
 def test_plms_matches_diffusers_pndm():
   x = _x_start(2)
   scheduler = PNDMScheduler(**_common(steps_offset=1, set_alpha_to_one=False,
                                       skip_prk_steps=True))
-  theirs, _ = _run_diffusers(scheduler, x, 12)
+  theirs, used = _run_diffusers(scheduler, x, 12)
+  # PNDM evaluates its first timestep twice (the improved Euler step).
+  np.testing.assert_array_equal(sorted(set(used)), samplers.ddim_timesteps(T, 12))
   ours = jax.jit(lambda x: samplers.plms(toy, x, SCHEDULE, 12))(jnp.asarray(x))
   np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
-@pytest.mark.parametrize("steps", [1, 2, 10])
-def test_dpmpp_2m_matches_diffusers(steps):
+def _as(parameterization, eps_fn):
+  """The same model, reporting its prediction as x0 or v instead of eps."""
+  def fn(x, t):
+    eps = eps_fn(x, t)
+    ab = SCHEDULE.table("alphas_cumprod")[t].reshape(-1, 1, 1, 1)
+    x0 = (x - jnp.sqrt(1 - ab) * eps) / jnp.sqrt(ab)
+    return x0 if parameterization == "x0" else jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * x0
+  return fn
+
+
+@pytest.mark.parametrize("name", ["plms", "dpmpp_2m", "ddim"])
+@pytest.mark.parametrize("parameterization", ["v", "x0"])
+def test_samplers_see_the_same_model_whatever_it_predicts(name, parameterization):
+  """PLMS runs its multistep formula on eps, each output converted at its own (x_t, t).
+  (diffusers' PNDMScheduler instead averages raw v outputs and converts the average at
+  the current step, so for v it is not a reference: the two differ by ~10%.)"""
+  x = jnp.asarray(_x_start(6))
+  want = samplers.sample(name, toy, x, SCHEDULE, 7)
+  got = samplers.sample(name, _as(parameterization, toy), x, SCHEDULE, 7,
+                        parameterization=parameterization)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+# 20 steps: diffusers drops to first order at the end only below 15 steps unless the final
+# noise level is zero (its default), which makes the last step first order at any count.
+@pytest.mark.parametrize("parameterization,steps", [("eps", 1), ("eps", 2), ("eps", 10),
+                                                    ("v", 20)])
+def test_dpmpp_2m_matches_diffusers(parameterization, steps):
   x = _x_start(3)
-  scheduler = DPMSolverMultistepScheduler(**_common(algorithm_type="dpmsolver++",
-                                                    solver_order=2))
+  scheduler = DPMSolverMultistepScheduler(**_common(
+      algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True,
+      prediction_type=_prediction_type(parameterization)))
   theirs, used = _run_diffusers(scheduler, x, steps)
   np.testing.assert_array_equal(used, samplers.dpmpp_2m_timesteps(T, steps))
-  ours = jax.jit(lambda x: samplers.dpmpp_2m(toy, x, SCHEDULE, steps))(jnp.asarray(x))
+  ours = jax.jit(lambda x: samplers.dpmpp_2m(toy, x, SCHEDULE, steps,
+                                             parameterization=parameterization))(
+                                                 jnp.asarray(x))
   np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_ddim_quad_spacing_against_a_plain_loop():
+  """diffusers has no quad spacing: check its timesteps by hand and the loop in numpy."""
+  ts = samplers.ddim_timesteps(T, 10, "quad")
+  # (linspace(0, sqrt(800), 10)**2).astype(int) + 1
+  np.testing.assert_array_equal(ts, [1, 10, 40, 89, 159, 247, 356, 484, 633, 801])
+  ab = SCHEDULE.alphas_cumprod
+  x = _x_start(5).astype(np.float64)
+  for i in range(len(ts) - 1, -1, -1):
+    a, a_prev = ab[ts[i]], ab[ts[i - 1]] if i else ab[0]
+    eps = toy(x.astype(np.float32), np.full((x.shape[0],), ts[i])).astype(np.float64)
+    x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
+    x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps
+  ours = jax.jit(lambda x: samplers.ddim(toy, x, SCHEDULE, 10, spacing="quad"))(
+      jnp.asarray(_x_start(5)))
+  np.testing.assert_allclose(ours, x, atol=1e-5)
 
 
 def test_ddpm_matches_diffusers_given_the_same_noise():
@@ -158,6 +221,64 @@ def test_guidance_interpolates_and_extrapolates():
                              1 + 3 * (cond - 1))
 
 
+def test_guidance_makes_one_batched_call_with_pytree_conditions():
+  calls = []
+
+  def model(x, t, cond):
+    calls.append(x.shape[0])
+    return x * cond["scale"][:, None, None, None] + cond["shift"][:, :1, None, None]
+
+  cond = {"scale": jnp.array([2.0, 3.0]), "shift": jnp.ones((2, 5))}
+  negative = {"scale": jnp.array([0.5, 0.5]), "shift": jnp.zeros((2, 5))}
+  x, t = jnp.ones(SHAPE), jnp.zeros((2,), jnp.int32)
+  out = jax.jit(samplers.guided(model, cond, negative, 4.0))(x, t)
+  assert calls == [4]  # [negative, cond] in one call of twice the batch
+  expected = 0.5 + 4.0 * (np.array([3.0, 4.0]) - 0.5)
+  np.testing.assert_allclose(out[:, 0, 0, 0], expected, rtol=1e-6)
+
+
+SHARDED = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from ldm_jax.diffusion import samplers
+    from ldm_jax.diffusion.schedules import Schedule, beta_schedule
+
+    schedule = Schedule(beta_schedule("linear", 1000, 0.00085, 0.012))
+    def model(x, t, cond):
+      return 0.3 * x + 0.01 * cond[:, None, None, None] * t[:, None, None, None] / 1000
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    batch = NamedSharding(mesh, P("data"))
+    x = np.random.default_rng(0).normal(size=(4, 4, 4, 3)).astype(np.float32)
+    cond, null = jnp.arange(1.0, 5.0), jnp.zeros(4)
+    result = {"devices": jax.device_count()}
+    for name in ("ddim", "plms", "dpmpp_2m"):
+      run = jax.jit(lambda x, c, u: samplers.sample(
+          name, samplers.guided(model, c, u, 3.0), x, schedule, 6))
+      sharded = run(jax.device_put(x, batch), jax.device_put(cond, batch),
+                    jax.device_put(null, batch))
+      plain = run(jnp.asarray(x), cond, null)
+      result[name] = [str(sharded.sharding.spec),
+                      float(np.abs(np.asarray(sharded) - np.asarray(plain)).max())]
+    print("RESULT", json.dumps(result))
+""")
+
+
+def test_samplers_keep_a_batch_sharded_over_a_mesh():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True,
+                        text=True, timeout=300)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads(lines[-1][len("RESULT "):])
+  assert result["devices"] == 2
+  for name in ("ddim", "plms", "dpmpp_2m"):
+    spec, diff = result[name]
+    assert "data" in spec, (name, spec)
+    assert diff < 1e-6, (name, diff)
+
+
 def test_bad_arguments():
   with pytest.raises(ValueError, match="unknown beta schedule"):
     beta_schedule("quadratic", 10)
@@ -165,3 +286,13 @@ def test_bad_arguments():
     samplers.ddim_timesteps(100, 200)
   with pytest.raises(ValueError, match="unknown sampler"):
     samplers.sample("euler", toy, jnp.zeros(SHAPE), SCHEDULE, 4)
+  with pytest.raises(ValueError, match="between 1 and"):
+    samplers.dpmpp_2m_timesteps(100, 0)
+  with pytest.raises(ValueError, match="repeats timesteps"):
+    samplers.ddim_timesteps(1000, 1000, "quad")
+  with pytest.raises(ValueError, match="unknown DDIM spacing"):
+    samplers.ddim_timesteps(1000, 10, "log")
+  with pytest.raises(ValueError, match="unknown parameterization"):
+    samplers.ddim(toy, jnp.zeros(SHAPE), SCHEDULE, 2, parameterization="score")
+  with pytest.raises(ValueError, match="pass key"):
+    samplers.ddim(toy, jnp.zeros(SHAPE), SCHEDULE, 2, eta=0.5)

@@ -37,9 +37,15 @@ def ddim_timesteps(total: int, steps: int, spacing: str = "uniform") -> np.ndarr
   if not 1 <= steps <= total:
     raise ValueError(f"sample.steps={steps} must be between 1 and the {total} training steps")
   if spacing == "uniform":
+    # When T % S != 0 the reference's range() yields S + 1 timesteps, the last one past the
+    # table (T); keeping the first S is what diffusers' "leading" spacing does.
     return np.arange(0, total, total // steps)[:steps] + 1
   if spacing == "quad":
-    return (np.linspace(0, np.sqrt(total * 0.8), steps)**2).astype(np.int64) + 1
+    ts = (np.linspace(0, np.sqrt(total * 0.8), steps)**2).astype(np.int64) + 1
+    if steps > 1 and np.any(np.diff(ts) == 0):
+      raise ValueError(f"sample.steps={steps} with quad spacing repeats timesteps over "
+                       f"{total} training steps; use fewer steps or spacing='uniform'")
+    return ts
   raise ValueError(f"unknown DDIM spacing {spacing!r}; choose 'uniform' or 'quad'")
 
 
@@ -163,7 +169,8 @@ def dpmpp_2m(model_fn: ModelFn, x: jax.Array, schedule: Schedule, steps: int, *,
 
   def first_order(x, x0, i):
     h = lam[i + 1] - lam[i]
-    return (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * np.expm1(-h) * x0
+    c_x, c_x0 = np.float32(sigma[i + 1] / sigma[i]), np.float32(-alpha[i + 1] * np.expm1(-h))
+    return c_x * x + c_x0 * x0
 
   x0 = data_prediction(x, 0)
   x = first_order(x, x0, 0)
@@ -223,7 +230,10 @@ def ddpm(model_fn: ModelFn, x: jax.Array, schedule: Schedule, *, key: jax.Array,
 def sample(name: str, model_fn: ModelFn, x: jax.Array, schedule: Schedule, steps: int, *,
            parameterization: str = "eps", eta: float = 0.0,
            key: jax.Array | None = None) -> jax.Array:
-  """One entry point for the CLI and the trainer's sample grids."""
+  """One entry point for the CLI and the trainer's sample grids.
+
+  `steps` is ignored by ddpm, which always walks all T training steps.
+  """
   if name == "ddim":
     return ddim(model_fn, x, schedule, steps, parameterization=parameterization, eta=eta,
                 key=key)
