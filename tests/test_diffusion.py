@@ -282,6 +282,10 @@ def test_samplers_keep_a_batch_sharded_over_a_mesh():
 def test_bad_arguments():
   with pytest.raises(ValueError, match="unknown beta schedule"):
     beta_schedule("quadratic", 10)
+  with pytest.raises(ValueError, match=r"must lie in \(0, 1\)"):
+    Schedule(beta_schedule("sqrt_linear", 10, 0.0, 0.02))
+  with pytest.raises(ValueError, match="timesteps=0"):
+    beta_schedule("linear", 0)
   with pytest.raises(ValueError, match="between 1 and"):
     samplers.ddim_timesteps(100, 200)
   with pytest.raises(ValueError, match="unknown sampler"):

@@ -45,6 +45,15 @@ class Schedule:
 
   betas: np.ndarray
 
+  def __post_init__(self):
+    betas = np.asarray(self.betas, np.float64)
+    if betas.ndim != 1 or not len(betas):
+      raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
+    if not np.all((betas > 0) & (betas < 1)):
+      raise ValueError("betas must lie in (0, 1): check diffusion.linear_start/linear_end "
+                       f"(got min {betas.min():.3g}, max {betas.max():.3g})")
+    object.__setattr__(self, "betas", betas)
+
   @classmethod
   def from_config(cls, diffusion) -> "Schedule":
     return cls(beta_schedule(diffusion.beta_schedule, int(diffusion.timesteps),

@@ -79,8 +79,13 @@ def diffusion_loss(cfg: DiffusionLossConfig, schedule: Schedule, apply: Callable
 
 def drop_conditions(fields: dict, null: dict, prob: float, key: jax.Array) -> dict:
   """Per example, the null condition with probability `prob` (classifier-free guidance)."""
-  if prob <= 0 or not fields:
+  if not 0.0 <= prob <= 1.0:
+    raise ValueError(f"condition dropout probability {prob} must be in [0, 1]")
+  if prob == 0 or not fields:
     return fields
+  missing = sorted(set(fields) - set(null))
+  if missing:
+    raise ValueError(f"no null condition for fields {missing}")
   batch = next(iter(fields.values())).shape[0]
   drop = jax.random.uniform(key, (batch,)) < prob
   return {name: jnp.where(drop.reshape((batch,) + (1,) * (value.ndim - 1)), null[name], value)
