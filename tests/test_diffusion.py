@@ -75,16 +75,18 @@ def test_schedules_match_diffusers(name, theirs):
   np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("parameterization", ["eps", "v"])
-def test_ddim_matches_diffusers(parameterization):
+# 7 steps do not divide T: the reference's range() would give an 8th timestep past the
+# table; we keep 7, as diffusers does.
+@pytest.mark.parametrize("parameterization,steps", [("eps", 10), ("v", 10), ("eps", 7)])
+def test_ddim_matches_diffusers(parameterization, steps):
   x = _x_start()
   scheduler = DDIMScheduler(**_common(steps_offset=1, set_alpha_to_one=False,
                                       clip_sample=False,
                                       prediction_type="epsilon" if parameterization == "eps"
                                       else "v_prediction"))
-  theirs, used = _run_diffusers(scheduler, x, 10)
-  np.testing.assert_array_equal(sorted(used), samplers.ddim_timesteps(T, 10))
-  ours = jax.jit(lambda x: samplers.ddim(toy, x, SCHEDULE, 10,
+  theirs, used = _run_diffusers(scheduler, x, steps)
+  np.testing.assert_array_equal(sorted(used), samplers.ddim_timesteps(T, steps))
+  ours = jax.jit(lambda x: samplers.ddim(toy, x, SCHEDULE, steps,
                                          parameterization=parameterization))(jnp.asarray(x))
   np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
@@ -298,5 +300,7 @@ def test_bad_arguments():
     samplers.ddim_timesteps(1000, 10, "log")
   with pytest.raises(ValueError, match="unknown parameterization"):
     samplers.ddim(toy, jnp.zeros(SHAPE), SCHEDULE, 2, parameterization="score")
+  with pytest.raises(ValueError, match="DDIM only"):
+    samplers.sample("plms", toy, jnp.zeros(SHAPE), SCHEDULE, 4, eta=0.5)
   with pytest.raises(ValueError, match="pass key"):
     samplers.ddim(toy, jnp.zeros(SHAPE), SCHEDULE, 2, eta=0.5)

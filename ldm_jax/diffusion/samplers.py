@@ -234,6 +234,9 @@ def sample(name: str, model_fn: ModelFn, x: jax.Array, schedule: Schedule, steps
 
   `steps` is ignored by ddpm, which always walks all T training steps.
   """
+  if eta != 0 and name != "ddim":
+    raise ValueError(f"sample.eta={eta} applies to DDIM only; {name!r} is deterministic "
+                     "(ddpm has its own fixed variance): set eta to 0")
   if name == "ddim":
     return ddim(model_fn, x, schedule, steps, parameterization=parameterization, eta=eta,
                 key=key)
