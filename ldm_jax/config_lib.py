@@ -42,6 +42,7 @@ def autoencoder_config(*, kind: str, embed_dim: int, z_channels: int, ch_mult: t
   config.train = dict(num_steps=1_000_000, log_every=100, eval_every=5000, ckpt_every=5000,
                       keep_checkpoints=3, seed=0, decoder_only=False, init_from="",
                       mesh=dict(data=-1, fsdp=1), export_format="diffusers")
+  config.eval = dict(inception_weights="", reference_stats="", num_examples=0)
   if arg == "demo":
     _shrink(config, ch=32, image_size=64, batch_size=8)
     config.loss.perceptual_weight = 0.0  # LPIPS needs VGG weights that cannot ship offline

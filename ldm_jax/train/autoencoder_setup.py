@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
+from ldm_jax.eval.setup import eval_config
 from ldm_jax.losses.autoencoder import LossConfig
 from ldm_jax.models.autoencoder import AutoencoderSpec, build_autoencoder
 from ldm_jax.train import autoencoder_step as step_lib
@@ -28,6 +29,7 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[AutoencoderSpec, Lo
     unknown = sorted(set(config[block].keys()) - known)
     if unknown:
       raise ValueError(f"unknown config keys {block}.{unknown}; valid: {sorted(known)}")
+  eval_config(config)  # the `eval` block (optional in older runs' configs)
   spec = AutoencoderSpec.from_config(config.model)
   loss = LossConfig.from_config(config.loss)
   if config.data.image_size % spec.downsample_factor:

@@ -19,14 +19,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from clu import metric_writers, metrics as clu_metrics, periodic_actions
+from clu import metric_writers, periodic_actions
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from ldm_jax.convert import load_autoencoder, save_autoencoder
 from ldm_jax.data.pipeline import eval_batches, skipped_records, train_iterator
 from ldm_jax.data.sources import check_data
-from ldm_jax.eval import metrics as image_metrics
+from ldm_jax.eval.reconstruction import ReconstructionEvaluator, summary_line
+from ldm_jax.eval.setup import eval_networks
 from ldm_jax.losses.autoencoder import LossConfig
 from ldm_jax.models.autoencoder import AutoencoderSpec, build_autoencoder
 from ldm_jax.models.lpips import make_lpips
@@ -49,6 +49,8 @@ class Run:
   programs: step_lib.Programs
   lpips_state: Any
   eval_lpips: Any
+  inception: Any
+  reference_stats: Any
   global_batch: int
   accumulate: int
 
@@ -71,9 +73,10 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
                             else (None, None))
   use_lpips_loss = loss.perceptual_weight > 0
   _, programs = build_programs(config, lpips_def if use_lpips_loss else None)
+  inception, reference = eval_networks(config)
   return Run(config, workdir, spec, loss, mesh, programs,
-             lpips_state if use_lpips_loss else None, lpips_model, global_batch,
-             int(config.optim.accumulate_grad_batches))
+             lpips_state if use_lpips_loss else None, lpips_model, inception, reference,
+             global_batch, int(config.optim.accumulate_grad_batches))
 
 
 def initial_state(run: Run) -> step_lib.TrainState:
@@ -193,74 +196,34 @@ def export(run: Run, state: step_lib.TrainState, workdir: str) -> str | None:
   return path
 
 
-METRICS = ("psnr", "ssim", "lpips")
-
-
 class Evaluator:
-  """Validation PSNR / SSIM (/ LPIPS) with mean and std over images, plus image grids."""
+  """Validation on `train.eval_examples` images: PSNR / SSIM (/ LPIPS) mean and std over
+  images, rFID when Inception weights are configured, and an image grid. The numbers come
+  from `eval.reconstruction`, the code `python -m ldm_jax.evaluate` runs."""
 
   def __init__(self, run: Run):
     self.run = run
-    self.sharding = mesh_lib.batch_sharding(run.mesh)
     config = run.config
     examples = int(config.train.get("eval_examples", 64))
     self.batches = list(eval_batches(config.data, config.data.val_split,
                                      batch_size=run.global_batch, max_examples=examples))
     if not self.batches:
       raise ValueError(f"the validation split {config.data.val_split!r} is empty")
-    # Means of x and x^2 give the std over images; clu 0.0.12's own Std calls
-    # jnp.clip(a_min=...), which jax 0.10 removed.
-    self.collection = clu_metrics.Collection.create(**{
-        f"{name}{suffix}": clu_metrics.Average.from_output(f"{name}{suffix}")
-        for name in METRICS for suffix in ("", "_sq")})
-    lpips_model = run.eval_lpips
-    programs = run.programs
-    kind = run.spec.kind
-
-    def reconstruct(state, x, key):
-      model = step_lib.eval_model(programs, state)
-      if kind == "kl":
-        posterior = model.encode(x)
-        xrec = model.decode(posterior.mode())
-        sample = model.decode(posterior.sample(key))
-      else:
-        xrec = model.decode(model.encode(x))
-        sample = xrec
-      out = {"psnr": image_metrics.psnr(x, xrec), "ssim": image_metrics.ssim(x, xrec),
-             "lpips": (lpips_model(x, xrec) if lpips_model is not None
-                       else jnp.zeros((x.shape[0],)))}
-      return xrec, sample, out
-
-    self.reconstruct = jax.jit(reconstruct)
+    self.evaluator = ReconstructionEvaluator(
+        run.programs, run.spec.kind, run.mesh, lpips_model=run.eval_lpips,
+        inception=run.inception, reference=run.reference_stats)
 
   def __call__(self, state, step: int, writer) -> dict:
-    collection = None
-    grid = None
-    for i, batch in enumerate(self.batches):
-      x, mask = (jax.make_array_from_process_local_data(self.sharding, batch[k])
-                 for k in ("image", "mask"))
-      xrec, sample, values = self.reconstruct(state, x, jax.random.key(i))
-      values = {**values, **{f"{k}_sq": v**2 for k, v in values.items()}}
-      update = self.collection.single_from_model_output(mask=mask, **values)
-      collection = update if collection is None else collection.merge(update)
-      if i == 0:  # input | reconstruction | posterior sample
-        shown = [x, xrec] + ([sample] if self.run.spec.kind == "kl" else [])
-        grid = np.concatenate(multihost_utils.process_allgather(shown, tiled=True), axis=2)
-    averages = {k: float(v) for k, v in collection.compute().items()}
-    result = {}
-    for name in METRICS:
-      result[name] = averages[name]
-      result[f"{name}_std"] = float(np.sqrt(max(averages[f"{name}_sq"] - averages[name]**2, 0)))
-    if self.run.eval_lpips is None:
-      result = {k: v for k, v in result.items() if not k.startswith("lpips")}
+    out = self.evaluator.evaluate(state, self.batches)
+    result = {k: v for k, v in out.metrics.items() if k != "num_examples"}
     writer.write_scalars(step, {f"val/{k}": v for k, v in result.items()})
     if jax.process_index() == 0:
-      writer.write_images(step, {"val/input_reconstruction_sample": _tile(grid)[None]})
-      save_grid(_tile(grid), os.path.join(self.run.workdir, "images", f"val_{step:07d}.png"))
-    logging.info("validation at step %d: %s", step,
-                 " ".join(f"{k}={v:.4f}" for k, v in result.items()))
-    with open(os.path.join(self.run.workdir, "val_metrics.jsonl"), "a") as f:
-      f.write(json.dumps({"step": step, **result}) + "\n")
+      writer.write_images(step, {"val/input_reconstruction_sample": _tile(out.grid)[None]})
+      save_grid(_tile(out.grid), os.path.join(self.run.workdir, "images", f"val_{step:07d}.png"))
+    logging.info("validation at step %d: %s", step, summary_line(result))
+    if jax.process_index() == 0:
+      with open(os.path.join(self.run.workdir, "val_metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, **result}) + "\n")
     return result
 
 

@@ -1,0 +1,143 @@
+"""Reconstruction metrics of a first-stage model over a data split, streamed and sharded.
+
+One jitted step per global batch encodes and decodes, scores every image (PSNR, SSIM, and
+LPIPS / Inception features when those networks are given) and returns the values; the host
+accumulates them in float64 (`streaming`, `fid`). The trainer's validation and the
+`ldm_jax.evaluate` CLI both run this, so the numbers during training and after are the
+same computation.
+
+rFID, as in the LDM paper, is the FID between the reconstructions and the images that
+were reconstructed; with reference statistics (an `.npz` of the same split) the inputs'
+Inception pass is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ldm_jax.eval import fid as fid_lib
+from ldm_jax.eval import metrics as image_metrics
+from ldm_jax.eval.streaming import MeanStd, to_host
+from ldm_jax.train import autoencoder_step as step_lib
+from ldm_jax.train import mesh as mesh_lib
+
+PER_IMAGE = ("psnr", "ssim", "lpips")
+
+
+@dataclasses.dataclass
+class Result:
+  metrics: dict[str, float]  # psnr, psnr_std, ..., rfid, num_examples
+  grid: np.ndarray | None  # first batch: [B, H, 2W or 3W, 3] input | recon (| sample)
+  recon_stats: fid_lib.FeatureStats | None = None
+  input_stats: fid_lib.FeatureStats | None = None
+
+
+class ReconstructionEvaluator:
+  """Built once per run (it compiles on first use); call `evaluate` with any state."""
+
+  def __init__(self, programs: step_lib.Programs, kind: str, mesh, *, lpips_model=None,
+               inception=None, reference: tuple[np.ndarray, np.ndarray] | None = None):
+    self.kind = kind
+    self.mesh = mesh
+    self.sharding = mesh_lib.batch_sharding(mesh)
+    self.reference = reference
+    replicated = mesh_lib.replicated(mesh)
+    nets = {"lpips": lpips_model, "inception": inception}
+    self.net_defs = {k: nnx.graphdef(m) for k, m in nets.items() if m is not None}
+    self.net_states = {k: jax.device_put(nnx.state(m), replicated)
+                       for k, m in nets.items() if m is not None}
+    input_features = inception is not None and reference is None
+    net_defs = self.net_defs
+
+    def step(state, net_states, x, key):
+      model = step_lib.eval_model(programs, state)
+      if kind == "kl":
+        posterior = model.encode(x)
+        xrec = model.decode(posterior.mode())
+        sample = model.decode(posterior.sample(key))
+      else:
+        xrec = model.decode(model.encode(x))
+        sample = xrec
+      xrec = jnp.clip(xrec.astype(jnp.float32), -1.0, 1.0)
+      values = {"psnr": image_metrics.psnr(x, xrec), "ssim": image_metrics.ssim(x, xrec)}
+      if "lpips" in net_defs:
+        values["lpips"] = nnx.merge(net_defs["lpips"], net_states["lpips"])(x, xrec)
+      if "inception" in net_defs:
+        net = nnx.merge(net_defs["inception"], net_states["inception"])
+        if input_features:
+          both = net(jnp.concatenate([x, xrec], axis=0))["pool"]
+          values["features_input"], values["features_recon"] = jnp.split(both, 2)
+        else:
+          values["features_recon"] = net(xrec)["pool"]
+      return xrec, sample, values
+
+    self._step = jax.jit(step)
+
+  def evaluate(self, state, batches: Iterable[dict], *, grid: bool = True,
+               progress: Callable[[int], None] | None = None) -> Result:
+    """Streams `batches` ({"image", "mask"} per host, as `eval_batches` yields)."""
+    scores = {name: MeanStd() for name in PER_IMAGE}
+    recon_stats = fid_lib.FeatureStats() if "inception" in self.net_defs else None
+    input_stats = (fid_lib.FeatureStats()
+                   if recon_stats is not None and self.reference is None else None)
+    shown = None
+    for i, batch in enumerate(batches):
+      x, mask = (jax.make_array_from_process_local_data(self.sharding, np.asarray(batch[k]))
+                 for k in ("image", "mask"))
+      xrec, sample, values = self._step(state, self.net_states, x, jax.random.key(i))
+      values = {k: to_host(v) for k, v in values.items()}
+      mask = to_host(mask)
+      for name in PER_IMAGE:
+        if name in values:
+          scores[name].update(values[name], mask)
+      if recon_stats is not None:
+        recon_stats.update(values["features_recon"], mask)
+      if input_stats is not None:
+        input_stats.update(values["features_input"], mask)
+      if grid and i == 0:
+        parts = [x, xrec] + ([sample] if self.kind == "kl" else [])
+        shown = np.concatenate([to_host(p) for p in parts], axis=2)
+      if progress is not None:
+        progress(int(mask.sum()))
+    if not scores["psnr"].count:
+      raise ValueError("no images were evaluated: the split is empty or every record was "
+                       "undecodable")
+    metrics = {"num_examples": scores["psnr"].count}
+    for name, s in scores.items():
+      if s.count:
+        metrics[name], metrics[f"{name}_std"] = s.mean(), s.std()
+    if recon_stats is not None:
+      if recon_stats.count < 2:
+        raise ValueError("rFID needs at least 2 images")
+      metrics["rfid"] = fid_lib.fid_from_stats(
+          recon_stats, self.reference if self.reference is not None else input_stats)
+    return Result(metrics, shown, recon_stats, input_stats)
+
+
+def feature_stats(inception, mesh, batches: Iterable[dict],
+                  progress: Callable[[int], None] | None = None) -> fid_lib.FeatureStats:
+  """Inception pool-feature statistics of a split's images (for reference `.npz` files)."""
+  sharding = mesh_lib.batch_sharding(mesh)
+  graphdef = nnx.graphdef(inception)
+  net_state = jax.device_put(nnx.state(inception), mesh_lib.replicated(mesh))
+  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)["pool"])
+  stats = fid_lib.FeatureStats()
+  for batch in batches:
+    x, mask = (jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+               for k in ("image", "mask"))
+    mask = to_host(mask)
+    stats.update(to_host(forward(net_state, x)), mask)
+    if progress is not None:
+      progress(int(mask.sum()))
+  return stats
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+  return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                  for k, v in metrics.items())
