@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
+from ldm_jax.eval.reference import compute_reference_stats
 from ldm_jax.logs import console_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (its data block).")
@@ -29,39 +30,6 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch; default config.
 flags.mark_flags_as_required(["out"])
 
 
-def compute_reference_stats(data_config, split: str, inception_weights: str, out: str,
-                            *, batch_size: int, num_examples: int = 0) -> int:
-  """Writes the split's (mu, sigma) to `out`; returns the number of images used."""
-  import jax
-  import tqdm
-
-  from ldm_jax.data.pipeline import eval_batches
-  from ldm_jax.data.sources import make_source
-  from ldm_jax.eval import fid as fid_lib
-  from ldm_jax.eval.reconstruction import feature_stats
-  from ldm_jax.models.inception import make_inception
-  from ldm_jax.train import mesh as mesh_lib
-
-  if not out.endswith(".npz"):
-    raise ValueError(f"--out must end in .npz, got {out!r}")
-  inception = make_inception(inception_weights)
-  mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1})
-  mesh_lib.check_batch(batch_size, mesh)
-  total = len(make_source(data_config, split))
-  total = min(total, num_examples) if num_examples else total
-  bar = tqdm.tqdm(total=total, unit="img", desc="reference stats",
-                  disable=jax.process_index() > 0)
-  with bar:
-    stats = feature_stats(inception, mesh, eval_batches(
-        data_config, split, batch_size=batch_size, max_examples=num_examples or None),
-        progress=bar.update)
-  if jax.process_index() == 0:
-    fid_lib.save_stats(out, stats.mean(), stats.covariance(), num_examples=stats.count)
-  logging.info("wrote the Inception statistics of %d images of %r to %s", stats.count, split,
-               out)
-  return stats.count
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -69,7 +37,7 @@ def main(argv):
   if (_CONFIG.value is None) == (_WORKDIR.value is None):
     raise app.UsageError("give exactly one of --config or --workdir")
   if _WORKDIR.value:
-    from ldm_jax.evaluate import load_run_config
+    from ldm_jax.eval.workdir import load_run_config
     config = load_run_config(_WORKDIR.value)
   else:
     config = _CONFIG.value
