@@ -88,7 +88,8 @@ def evaluate_workdir(workdir: str, config, step: int | None = None) -> dict:
                   disable=jax.process_index() > 0)
   with bar:
     out = evaluator.evaluate(state, eval_batches(config.data, split, batch_size=batch_size,
-                                                 max_examples=limit), progress=bar.update)
+                                                 max_examples=limit),
+                             grid=False, progress=bar.update)
   metrics = out.metrics
   logging.info("step %d: %s", step, summary_line(metrics))
   report = {

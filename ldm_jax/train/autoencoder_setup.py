@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from ldm_jax.eval.setup import eval_config
+from ldm_jax.eval.setup import DEFAULTS as EVAL_DEFAULTS, eval_config
 from ldm_jax.losses.autoencoder import LossConfig
 from ldm_jax.models.autoencoder import AutoencoderSpec, build_autoencoder
 from ldm_jax.train import autoencoder_step as step_lib
@@ -20,16 +20,17 @@ KNOWN_KEYS = {
               "grad_clip_norm", "ema_decay"},
     "train": {"num_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "seed",
               "decoder_only", "init_from", "mesh", "export_format", "eval_examples"},
+    "eval": set(EVAL_DEFAULTS),  # optional: runs saved before it existed lack the block
 }
 
 
 def check_config(config: ml_collections.ConfigDict) -> tuple[AutoencoderSpec, LossConfig]:
   """Fails with a clear message on unknown keys or inconsistent values."""
   for block, known in KNOWN_KEYS.items():
-    unknown = sorted(set(config[block].keys()) - known)
+    unknown = sorted(set((config.get(block) or {}).keys()) - known)
     if unknown:
       raise ValueError(f"unknown config keys {block}.{unknown}; valid: {sorted(known)}")
-  eval_config(config)  # the `eval` block (optional in older runs' configs)
+  eval_config(config)  # its values
   spec = AutoencoderSpec.from_config(config.model)
   loss = LossConfig.from_config(config.loss)
   if config.data.image_size % spec.downsample_factor:
