@@ -54,7 +54,7 @@ def networks(weights):
   return reference, inception.make_inception(weights / "fid.safetensors")
 
 
-@pytest.mark.parametrize("size", [(64, 48), (299, 299)])
+@pytest.mark.parametrize("size", [(64, 48), (299, 299), (320, 352)])  # up, same, down
 def test_matches_torch_fidelity(networks, size):
   reference, model = networks
   images = np.random.default_rng(size[0]).integers(0, 256, (2, 3, *size), dtype=np.uint8)
