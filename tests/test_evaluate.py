@@ -104,6 +104,16 @@ def test_evaluate_cli_errors(workdir, tmp_path):
   assert proc.returncode != 0 and "training workdir" in proc.stderr
 
 
+def test_training_with_missing_inception_weights_stops_before_compiling(tmp_path):
+  from ldm_jax.config_lib import autoencoder_config
+  from ldm_jax.train.autoencoder_trainer import build_run
+  config = autoencoder_config(kind="kl", embed_dim=4, z_channels=4, ch_mult=(1, 2),
+                              batch_size=2, loss={}, arg="tiny")
+  config.eval.inception_weights = str(tmp_path / "missing.safetensors")
+  with pytest.raises(FileNotFoundError, match="ldm_jax.convert.inception_weights"):
+    build_run(config, str(tmp_path))
+
+
 def test_eval_config_checks():
   config = ml_collections.ConfigDict({"eval": {"inception_weight": "x"}})
   with pytest.raises(ValueError, match="unknown config keys eval"):
