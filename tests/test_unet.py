@@ -9,9 +9,10 @@ import pytest
 import torch
 from flax import nnx
 
-from ldm_jax.convert.torch_layout import StateMismatchError, export_state, import_state
+from ldm_jax.convert.torch_layout import (StateMismatchError, export_state, import_state,
+                                          torch_leaves)
 from ldm_jax.convert.unet import (diffusers_config, from_compvis, load_unet, save_unet,
-                                  to_compvis)
+                                  spec_from_diffusers_config, to_compvis)
 from ldm_jax.models.unet import LegacyAttention, ResBlock, UNetModel, UNetSpec, timestep_embedding
 
 # SD v1 topology at reduced width: heads by count, conv projections, cross-attention.
@@ -29,6 +30,10 @@ CLASSES = dataclasses.replace(SD1, num_classes=7, use_scale_shift_norm=True,
 LEGACY = UNetSpec(in_channels=4, out_channels=4, model_channels=32,
                   attention_resolutions=(1, 2), num_res_blocks=1, channel_mult=(1, 2),
                   num_heads=2, use_scale_shift_norm=True, resblock_updown=True)
+# celebahq style: legacy attention by head width, conv resampling; here class-conditional.
+CELEBAHQ = UNetSpec(in_channels=3, out_channels=3, model_channels=32,
+                    attention_resolutions=(2, 4), num_res_blocks=1, channel_mult=(1, 2, 2),
+                    num_heads=-1, num_head_channels=16, num_classes=7)
 
 
 def _inputs(spec, seed=0, size=16):
@@ -52,9 +57,23 @@ def _diffusers(spec, seed=0):
   return model
 
 
+def _abstract(spec):
+  """A UNet without its init: tests overwrite every weight, and eager init of a fresh
+  shape costs seconds of per-op compilation on CPU."""
+  return nnx.eval_shape(lambda: UNetModel(spec, rngs=nnx.Rngs(0)))
+
+
 def _ours_from(ref, spec):
-  model = UNetModel(spec, rngs=nnx.Rngs(0))
+  model = _abstract(spec)
   import_state(model, {k: v.numpy() for k, v in ref.state_dict().items()}, "diffusers")
+  return model
+
+
+def _random(spec, seed=0):
+  """Every weight random (zero-initialized outputs too), drawn in NumPy."""
+  model, rng = _abstract(spec), np.random.default_rng(seed)
+  import_state(model, {k: (rng.normal(size=leaf.shape) * 0.2).astype(np.float32)
+                       for k, leaf in torch_leaves(model).items()}, "random")
   return model
 
 
@@ -124,13 +143,41 @@ def test_legacy_attention_matches_the_reference_formula():
   np.testing.assert_allclose(np.asarray(ours), out.permute(0, 2, 3, 1).numpy(), atol=1e-4)
 
 
+@pytest.mark.parametrize("spec", [LEGACY, CELEBAHQ], ids=["churches", "celebahq"])
+def test_legacy_unet_from_ldm_ckpt_matches_reference(tmp_path, spec):
+  """A Lightning .ckpt of an independent torch UNet (keys under model.diffusion_model.,
+  an EMA copy beside them) loads with its architecture read from the weights."""
+  from unet_reference import ReferenceUNet
+  torch.manual_seed(0)
+  ref = ReferenceUNet(spec).eval()
+  with torch.no_grad():
+    for p in ref.parameters():
+      p.copy_(torch.randn_like(p) * 0.2)
+  state = {f"model.diffusion_model.{k}": v for k, v in ref.state_dict().items()}
+  state["model_ema.decay"] = torch.tensor(0.9999)
+  state["model_ema.diffusion_modelout2bias"] = torch.zeros(spec.out_channels)
+  torch.save({"state_dict": state, "global_step": 7}, tmp_path / "last.ckpt")
+  with pytest.raises(ValueError, match="head split"):
+    load_unet(tmp_path / "last.ckpt")
+  heads = ({"num_heads": spec.num_heads} if spec.num_head_channels == -1
+           else {"num_head_channels": spec.num_head_channels})
+  model = load_unet(tmp_path / "last.ckpt", **heads)
+  assert model.spec == spec
+  x, t, _, y = _inputs(spec)
+  ours = model(jnp.asarray(x), jnp.asarray(t), y=None if y is None else jnp.asarray(y))
+  with torch.no_grad():
+    theirs = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
+                 None if y is None else torch.from_numpy(y))
+  np.testing.assert_allclose(np.asarray(ours), theirs.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+
+
 def _flat(model):
   return {k: np.asarray(v) for k, v in export_state(model).items()}
 
 
 @pytest.mark.parametrize("spec", [SD1, CLASSES, LEGACY], ids=["sd1", "classes", "legacy"])
 def test_compvis_round_trip_and_keys(tmp_path, spec):
-  model = UNetModel(spec, rngs=nnx.Rngs(1))
+  model = _random(spec, seed=1)
   path = tmp_path / "unet.safetensors"
   save_unet(model, path, format="compvis")
   loaded = load_unet(path)
@@ -149,7 +196,7 @@ def test_compvis_round_trip_and_keys(tmp_path, spec):
 
 def test_ldm_checkpoint_keys_and_diffusers_folder(tmp_path):
   from ldm_jax.convert.files import write_safetensors
-  model = UNetModel(SD1, rngs=nnx.Rngs(2))
+  model = _random(SD1, seed=2)
   compvis = to_compvis(export_state(model), SD1)
   ckpt = {f"model.diffusion_model.{k}": v for k, v in compvis.items()}
   ckpt["first_stage_model.decoder.conv_out.weight"] = np.zeros((3, 4, 3, 3), np.float32)
@@ -172,8 +219,8 @@ def test_ldm_checkpoint_keys_and_diffusers_folder(tmp_path):
 
 def test_bad_inputs(tmp_path):
   with pytest.raises(ValueError, match="cannot hold"):
-    save_unet(UNetModel(LEGACY, rngs=nnx.Rngs(0)), tmp_path / "x", format="diffusers")
-  model = UNetModel(SD1, rngs=nnx.Rngs(0))
+    save_unet(_random(LEGACY), tmp_path / "x", format="diffusers")
+  model = _random(SD1)
   save_unet(model, tmp_path / "unet.safetensors", format="compvis")
   with pytest.raises(StateMismatchError, match="wrong shape"):
     load_unet(tmp_path / "unet.safetensors", spec=dataclasses.replace(SD1, context_dim=16))
@@ -181,6 +228,11 @@ def test_bad_inputs(tmp_path):
     model(jnp.zeros((1, 16, 16, 4)), jnp.zeros((1,), jnp.int32))
   with pytest.raises(ValueError, match="num_heads or num_head_channels"):
     UNetSpec(num_heads=-1, num_head_channels=-1)
+  with pytest.raises(ValueError, match="divisible by num_heads=3"):
+    dataclasses.replace(SD1, num_heads=3)
+  config = dict(diffusers_config(SD1), class_embed_type="timestep", norm_eps=1e-6)
+  with pytest.raises(ValueError, match="class_embed_type='timestep'"):
+    spec_from_diffusers_config(config)
 
 
 def test_remat_and_bfloat16():

@@ -1,5 +1,7 @@
 """Weights in and out of ldm_jax: CompVis and diffusers layouts, safetensors files."""
 
 from ldm_jax.convert.autoencoder import infer_spec, load_autoencoder, save_autoencoder
+from ldm_jax.convert.unet import infer_unet_spec, load_unet, save_unet
 
-__all__ = ["load_autoencoder", "save_autoencoder", "infer_spec"]
+__all__ = ["load_autoencoder", "save_autoencoder", "infer_spec", "load_unet", "save_unet",
+           "infer_unet_spec"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from flax import nnx
 from ldm_jax.convert.files import (DIFFUSERS_WEIGHTS, WeightFileError, read_safetensors_metadata,
                                    read_tensors, strip_nesting, write_diffusers_folder,
                                    write_safetensors)
-from ldm_jax.convert.torch_layout import export_state, import_state
+from ldm_jax.convert.torch_layout import StateMismatchError, export_state, import_state
 from ldm_jax.models.unet import UNetModel, UNetSpec
 
 SPEC_METADATA_KEY = "ldm_jax.unet_spec"
@@ -146,8 +147,39 @@ def diffusers_config(spec: UNetSpec) -> dict:
   }
 
 
+# config.json values ldm_jax's UNet follows; any other value changes the network.
+_DIFFUSERS_FIXED = {
+    "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5, "flip_sin_to_cos": True,
+    "freq_shift": 0, "center_input_sample": False, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "time_embedding_type": "positional", "time_embedding_dim": None,
+    "timestep_post_act": None, "time_cond_proj_dim": None, "class_embed_type": None,
+    "class_embeddings_concat": False, "addition_embed_type": None, "encoder_hid_dim": None,
+    "only_cross_attention": False, "dual_cross_attention": False, "attention_type": "default",
+    "cross_attention_norm": None, "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "reverse_transformer_layers_per_block": None}
+
+
+def _unsupported(config: dict) -> list[str]:
+  odd = []
+  for key, expected in _DIFFUSERS_FIXED.items():
+    value = config.get(key, expected)
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if any(v != expected for v in values):
+      odd.append(f"{key}={value!r}")
+  depth = config.get("transformer_layers_per_block", 1)
+  if isinstance(depth, (list, tuple)) and len(set(depth)) > 1:
+    odd.append(f"transformer_layers_per_block={depth!r} (one depth for all levels only)")
+  return odd
+
+
 def spec_from_diffusers_config(config: dict) -> UNetSpec:
   """The UNetSpec of a UNet2DConditionModel config.json (SD-style topologies)."""
+  odd = _unsupported(config)
+  if odd:
+    raise ValueError("ldm_jax's UNet (CompVis openaimodel) has no equivalent of this "
+                     "UNet2DConditionModel config: " + ", ".join(odd))
   widths = list(config["block_out_channels"])
   mc = widths[0]
   mults = tuple(w // mc for w in widths)
@@ -175,6 +207,65 @@ def spec_from_diffusers_config(config: dict) -> UNetSpec:
                    "nor a fixed width; ldm_jax's UNet needs one of the two")
 
 
+def infer_unet_spec(tensors: dict[str, np.ndarray], num_heads: int = -1,
+                    num_head_channels: int = -1) -> UNetSpec:
+  """The UNetSpec implied by CompVis-layout names and shapes. The head split of attention
+  leaves no trace in the weights, so it is an argument (num_heads or num_head_channels)."""
+  def shape(key):
+    if key not in tensors:
+      raise StateMismatchError(f"cannot infer the UNet architecture: {key} is missing")
+    return tensors[key].shape
+
+  def indices(pattern):
+    return sorted({int(m[1]) for k in tensors if (m := re.match(pattern, k))})
+
+  mc, in_channels = shape("input_blocks.0.0.weight")[:2]
+  inputs, outputs = indices(r"input_blocks\.(\d+)\."), indices(r"output_blocks\.(\d+)\.")
+  if not outputs or inputs != list(range(len(inputs))) or len(inputs) != len(outputs):
+    raise StateMismatchError("cannot infer the UNet architecture from these input_blocks / "
+                             "output_blocks (resampling without convs?): pass spec=")
+  resamplers = {m: slot for m in outputs for slot in (1, 2)
+                if any(k.startswith(f"output_blocks.{m}.{slot}.{leaf}")
+                       for leaf in ("conv.", "in_layers.") for k in tensors)}
+  per_level = min(resamplers) + 1 if resamplers else len(outputs)
+  levels = len(outputs) // per_level
+  if sorted(resamplers) != [per_level * (i + 1) - 1 for i in range(levels - 1)]:
+    raise StateMismatchError(f"cannot infer the UNet architecture: upsamplers in output "
+                             f"blocks {sorted(resamplers)} do not repeat evenly")
+  first = [1 + level * per_level for level in range(levels)]
+  widths = [shape(f"input_blocks.{n}.0.out_layers.3.weight")[0] for n in first]
+  attention = tuple(2**level for level, n in enumerate(first)
+                    if any(k.startswith(f"input_blocks.{n}.1.") for k in tensors))
+  values: dict[str, Any] = dict(
+      in_channels=in_channels, out_channels=shape("out.2.weight")[0], model_channels=mc,
+      attention_resolutions=attention, num_res_blocks=per_level - 1,
+      channel_mult=tuple(w // mc for w in widths), num_heads=num_heads,
+      num_head_channels=num_head_channels,
+      use_scale_shift_norm=shape("input_blocks.1.0.emb_layers.1.weight")[0] == 2 * widths[0],
+      resblock_updown=any(".in_layers." in k for m, slot in resamplers.items() for k in tensors
+                          if k.startswith(f"output_blocks.{m}.{slot}.")),
+      num_classes=shape("label_emb.weight")[0] if "label_emb.weight" in tensors else 0)
+  if "middle_block.1.proj_in.weight" in tensors:
+    values.update(
+        use_spatial_transformer=True,
+        transformer_depth=len(indices(r"middle_block\.1\.transformer_blocks\.(\d+)\.")),
+        context_dim=shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
+        use_linear_in_transformer=len(shape("middle_block.1.proj_in.weight")) == 2)
+  return UNetSpec(**values)
+
+
+def _describe(tensors: dict[str, np.ndarray]) -> str:
+  try:
+    found = infer_unet_spec(tensors, num_heads=1)
+  except (StateMismatchError, ValueError):
+    return ""
+  fields = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
+            "use_spatial_transformer", "context_dim", "transformer_depth",
+            "use_linear_in_transformer", "use_scale_shift_norm", "resblock_updown",
+            "num_classes", "in_channels", "out_channels")
+  return " The weights look like: " + " ".join(f"{f}={getattr(found, f)}" for f in fields)
+
+
 def _spec_json(spec: UNetSpec) -> dict:
   values = dataclasses.asdict(spec)
   values.pop("dtype"), values.pop("remat")  # run-time choices, not architecture
@@ -196,10 +287,17 @@ def save_unet(model: UNetModel, path: str | os.PathLike, format: str = "diffuser
     raise ValueError(f"format must be 'diffusers' or 'compvis', got {format!r}")
 
 
-def load_unet(path: str | os.PathLike, spec: UNetSpec | Any = None) -> UNetModel:
+def load_unet(path: str | os.PathLike, spec: UNetSpec | Any = None, *,
+              num_heads: int | None = None, num_head_channels: int | None = None) -> UNetModel:
   """A UNetModel with the weights at `path`: a diffusers folder (or a pipeline folder with
-  unet/), or a CompVis .safetensors / .ckpt. `spec` (a UNetSpec or a config's `unet`
-  block) is needed for CompVis files that ldm_jax did not write."""
+  unet/), or a CompVis .safetensors / .ckpt (bare keys, or under `model.diffusion_model.`
+  as in LDM checkpoints; `model_ema.*` is not read).
+
+  `spec` (a UNetSpec, or a config's `unet` block) may be omitted for diffusers folders and
+  for files ldm_jax wrote; for other CompVis files the architecture is read from the
+  weights, except the head split, which they do not record: pass num_heads= or
+  num_head_channels= (the CompVis config's values) instead.
+  """
   path = Path(path)
   if spec is not None and not isinstance(spec, UNetSpec):
     spec = UNetSpec.from_config(spec)
@@ -209,21 +307,27 @@ def load_unet(path: str | os.PathLike, spec: UNetSpec | Any = None) -> UNetModel
       raise WeightFileError(f"{path} has no {DIFFUSERS_WEIGHTS} (nor unet/{DIFFUSERS_WEIGHTS})")
     if spec is None:
       spec = spec_from_diffusers_config(json.loads((folder / "config.json").read_text()))
-    tensors, layout = read_tensors(folder / DIFFUSERS_WEIGHTS), "diffusers"
+    tensors, layout, hint = read_tensors(folder / DIFFUSERS_WEIGHTS), "diffusers", ""
   elif not path.exists():
     raise WeightFileError(f"no weights at {path}")
   else:
     if spec is None and path.suffix == ".safetensors":
       stored = read_safetensors_metadata(path).get(SPEC_METADATA_KEY)
       spec = UNetSpec.from_config(json.loads(stored)) if stored else None
+    compvis = read_tensors(path)
+    compvis = {k: v for k, v in compvis.items() if not k.startswith("model_ema.")}
+    compvis = strip_nesting(compvis, "model.diffusion_model.")
     if spec is None:
-      raise ValueError(f"{path} does not say which UNet it holds: pass spec= (a UNetSpec, or "
-                       "the `unet` block of the LDM config that trained it)")
-    tensors = read_tensors(path)
-    tensors = {k: v for k, v in tensors.items() if not k.startswith("model_ema.")}
-    tensors = from_compvis(strip_nesting(tensors, "model.diffusion_model."), spec)
-    layout = "CompVis"
+      if num_heads is None and num_head_channels is None:
+        raise ValueError(
+            f"{path} records every part of its UNet but the attention head split: pass "
+            "num_heads= or num_head_channels=, or spec= (a UNetSpec, or the `unet` block of "
+            "the LDM config that trained it)")
+      spec = infer_unet_spec(compvis, num_heads=-1 if num_heads is None else num_heads,
+                             num_head_channels=-1 if num_head_channels is None
+                             else num_head_channels)
+    tensors, layout, hint = from_compvis(compvis, spec), "CompVis", _describe(compvis)
   model = nnx.eval_shape(lambda: UNetModel(spec, rngs=nnx.Rngs(0)))
   import_state(model, tensors, f"{path} ({layout} layout)",
-               hint="Check that the spec describes the UNet that made these weights.")
+               hint="Check that the spec describes the UNet that made these weights." + hint)
   return model

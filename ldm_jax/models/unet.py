@@ -64,6 +64,14 @@ class UNetSpec:
     for mult in self.channel_mult:
       if (self.model_channels * mult) % 32:
         problems.append(f"model_channels * {mult} is not a multiple of 32 (GroupNorm32)")
+    attended = {self.model_channels * self.channel_mult[-1]} | {
+        self.model_channels * m for i, m in enumerate(self.channel_mult)
+        if 2**i in self.attention_resolutions}
+    split = self.num_heads if self.num_head_channels == -1 else self.num_head_channels
+    if split > 0 and any(width % split for width in attended):
+      problems.append(f"attention widths {sorted(attended)} are not all divisible by "
+                      f"{'num_heads' if self.num_head_channels == -1 else 'num_head_channels'}"
+                      f"={split}")
     if problems:
       raise ValueError("invalid UNet config: " + "; ".join(problems))
 
