@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
 from ldm_jax.convert.files import (DIFFUSERS_WEIGHTS, WeightFileError, read_safetensors_metadata,
                                    read_tensors, strip_nesting, write_diffusers_folder,
                                    write_safetensors)
 from ldm_jax.convert.torch_layout import StateMismatchError, export_state, import_state
-from ldm_jax.models.unet import UNetModel, UNetSpec
+from ldm_jax.models.unet import UNetModel, UNetSpec, abstract_unet
 
 SPEC_METADATA_KEY = "ldm_jax.unet_spec"
 _RESNET_LEAVES = {"norm1": "in_layers.0", "conv1": "in_layers.2",
@@ -327,7 +326,7 @@ def load_unet(path: str | os.PathLike, spec: UNetSpec | Any = None, *,
                              num_head_channels=-1 if num_head_channels is None
                              else num_head_channels)
     tensors, layout, hint = from_compvis(compvis, spec), "CompVis", _describe(compvis)
-  model = nnx.eval_shape(lambda: UNetModel(spec, rngs=nnx.Rngs(0)))
+  model = abstract_unet(spec)
   import_state(model, tensors, f"{path} ({layout} layout)",
                hint="Check that the spec describes the UNet that made these weights." + hint)
   return model

@@ -17,6 +17,7 @@ lacks, keeps its CompVis names (`norm`, `qkv`, `proj_out`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -127,6 +128,14 @@ def _dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def _zeroed(module: nnx.Module) -> nnx.Module:
+  """CompVis `zero_module`: a residual branch or the output starts at exactly zero, so a
+  fresh UNet begins as a stack of identities and predicts zero."""
+  params = nnx.state(module, nnx.Param)
+  nnx.update(module, jax.tree.map(jnp.zeros_like, params))
+  return module
+
+
 class Identity(nnx.Module):
   """A parameterless slot, so indices in module lists line up with the reference's."""
 
@@ -188,7 +197,8 @@ class ResBlock(nnx.Module):
     self.time_emb_proj = _linear(emb_dim, 2 * out_channels if self.scale_shift else out_channels,
                                  dtype=dtype, rngs=rngs)
     self.norm2 = Normalize(out_channels, eps=1e-5, rngs=rngs)
-    self.conv2 = conv(out_channels, out_channels, 3, padding=PAD_1, dtype=dtype, rngs=rngs)
+    self.conv2 = _zeroed(conv(out_channels, out_channels, 3, padding=PAD_1, dtype=dtype,
+                              rngs=rngs))
     self.conv_shortcut = nnx.data(
         conv(channels, out_channels, 1, padding="VALID", dtype=dtype, rngs=rngs)
         if channels != out_channels else None)
@@ -226,9 +236,8 @@ class LegacyAttention(nnx.Module):
     self.qkv = nnx.Conv(channels, 3 * channels, (1,), dtype=dtype, param_dtype=jnp.float32,
                         kernel_init=torch_uniform_init(channels),
                         bias_init=torch_uniform_init(channels), rngs=rngs)
-    self.proj_out = nnx.Conv(channels, channels, (1,), dtype=dtype, param_dtype=jnp.float32,
-                             kernel_init=torch_uniform_init(channels),
-                             bias_init=torch_uniform_init(channels), rngs=rngs)
+    self.proj_out = _zeroed(nnx.Conv(channels, channels, (1,), dtype=dtype,
+                                     param_dtype=jnp.float32, rngs=rngs))
 
   def __call__(self, x: jax.Array, context=None, rngs=None) -> jax.Array:
     b, h, w, c = x.shape
@@ -312,10 +321,11 @@ class SpatialTransformer(nnx.Module):
     self.norm = Normalize(channels, eps=1e-6, rngs=rngs)
     if self.linear:
       self.proj_in = _linear(channels, inner, dtype=dtype, rngs=rngs)
-      self.proj_out = _linear(inner, channels, dtype=dtype, rngs=rngs)
+      self.proj_out = _zeroed(_linear(inner, channels, dtype=dtype, rngs=rngs))
     else:
       self.proj_in = conv(channels, inner, 1, padding="VALID", dtype=dtype, rngs=rngs)
-      self.proj_out = conv(inner, channels, 1, padding="VALID", dtype=dtype, rngs=rngs)
+      self.proj_out = _zeroed(conv(inner, channels, 1, padding="VALID", dtype=dtype,
+                                   rngs=rngs))
     self.transformer_blocks = nnx.List([
         TransformerBlock(inner, heads, head_dim, spec.context_dim, dtype=dtype, rngs=rngs)
         for _ in range(spec.transformer_depth)])
@@ -420,7 +430,8 @@ class UNetModel(nnx.Module):
       up.append(Level(resnets, attentions, resampler, "up"))
     self.up_blocks = nnx.List(up)
     self.conv_norm_out = Normalize(ch, eps=1e-5, rngs=rngs)
-    self.conv_out = conv(ch, spec.out_channels, 3, padding=PAD_1, dtype=dtype, rngs=rngs)
+    self.conv_out = _zeroed(conv(ch, spec.out_channels, 3, padding=PAD_1, dtype=dtype,
+                                 rngs=rngs))
 
   def _block(self, module, x, extra, rngs):
     """Calls a block, rematerialized in the backward pass when the spec asks."""
@@ -469,3 +480,14 @@ class UNetModel(nnx.Module):
         h = self._resample(resampler, h, emb, rngs, "up")
     return self.conv_out(_silu(self.conv_norm_out(h))).astype(jnp.float32)
 
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_template(spec: UNetSpec) -> UNetModel:
+  return nnx.eval_shape(lambda: UNetModel(spec, rngs=nnx.Rngs(0)))
+
+
+def abstract_unet(spec: UNetSpec) -> UNetModel:
+  """The model with shapes only, no memory: a target to load weights into. Tracing the
+  constructor takes seconds, so one template per spec is kept and copied."""
+  return nnx.clone(_abstract_template(spec))
