@@ -100,7 +100,12 @@ def test_guidance_changes_class_conditional_samples(tmp_path):
   from ldm_jax.train import ldm_step
   from ldm_jax.train.ldm_setup import build_model
   model = build_model(config, run.spec, 0)
-  # Random weights give a model whose conditional and unconditional outputs differ.
+  # A fresh UNet predicts exactly zero (zero-initialized outputs, as in CompVis); perturbed
+  # weights give a model whose conditional and unconditional outputs differ.
+  params = nnx.state(model.unet, nnx.Param)
+  keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
+  nnx.update(model.unet, jax.tree.map(
+      lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), params))
   state = ldm_step.new_state(model, run.programs, 1.0, 0)
   labels = {"label": jnp.array([0, 1])}
   key = jax.random.key(0)
