@@ -167,10 +167,25 @@ def _unsupported(config: dict) -> list[str]:
     values = value if isinstance(value, (list, tuple)) else [value]
     if any(v != expected for v in values):
       odd.append(f"{key}={value!r}")
-  depth = config.get("transformer_layers_per_block", 1)
-  if isinstance(depth, (list, tuple)) and len(set(depth)) > 1:
-    odd.append(f"transformer_layers_per_block={depth!r} (one depth for all levels only)")
+  down, up = list(config.get("down_block_types", [])), list(config.get("up_block_types", []))
+  pairs = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+  if any(t not in pairs for t in down) or [pairs.get(t) for t in reversed(down)] != up:
+    odd.append(f"down_block_types={down!r} with up_block_types={up!r} (CrossAttn/plain "
+               "blocks, the up path mirroring the down path)")
+  if config.get("resnet_time_scale_shift", "default") not in ("default", "scale_shift"):
+    odd.append(f"resnet_time_scale_shift={config['resnet_time_scale_shift']!r}")
+  widths = list(config.get("block_out_channels", []))
+  if widths and any(w % widths[0] for w in widths):
+    odd.append(f"block_out_channels={widths!r} (multiples of the first)")
+  for key in ("transformer_layers_per_block", "layers_per_block", "cross_attention_dim"):
+    value = config.get(key)
+    if isinstance(value, (list, tuple)) and len(set(value)) > 1:
+      odd.append(f"{key}={value!r} (one value for all levels only)")
   return odd
+
+
+def _single(value):
+  return value[0] if isinstance(value, (list, tuple)) else value
 
 
 def spec_from_diffusers_config(config: dict) -> UNetSpec:
@@ -187,14 +202,12 @@ def spec_from_diffusers_config(config: dict) -> UNetSpec:
   head_dims = {w // h for w, h in zip(widths, heads)}
   attention = tuple(2**i for i, t in enumerate(config["down_block_types"])
                     if "CrossAttn" in t)
-  depth = config.get("transformer_layers_per_block", 1)
-  if isinstance(depth, (list, tuple)):
-    depth = depth[0]
   common = dict(in_channels=config["in_channels"], out_channels=config["out_channels"],
                 model_channels=mc, attention_resolutions=attention,
-                num_res_blocks=config["layers_per_block"], channel_mult=mults,
-                use_spatial_transformer=True, transformer_depth=int(depth),
-                context_dim=int(config["cross_attention_dim"]),
+                num_res_blocks=int(_single(config["layers_per_block"])), channel_mult=mults,
+                use_spatial_transformer=True,
+                transformer_depth=int(_single(config.get("transformer_layers_per_block", 1))),
+                context_dim=int(_single(config["cross_attention_dim"])),
                 use_linear_in_transformer=bool(config.get("use_linear_projection", False)),
                 num_classes=int(config.get("num_class_embeds") or 0),
                 use_scale_shift_norm=config.get("resnet_time_scale_shift") == "scale_shift")

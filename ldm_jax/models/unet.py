@@ -286,8 +286,8 @@ class FeedForward(nnx.Module):
     self.net = nnx.List([GEGLU(dim, dim * mult, dtype=dtype, rngs=rngs), Identity(),
                          _linear(dim * mult, dim, dtype=dtype, rngs=rngs)])
 
-  def __call__(self, x: jax.Array, rngs=None, rate: float = 0.0) -> jax.Array:
-    return self.net[2](_dropout(self.net[0](x), rate, rngs))
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.net[2](self.net[0](x))
 
 
 class TransformerBlock(nnx.Module):
@@ -302,22 +302,23 @@ class TransformerBlock(nnx.Module):
                            rngs=rngs)
     self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, context: jax.Array | None, rngs=None,
-               rate: float = 0.0) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array | None) -> jax.Array:
     x = x + self.attn1(self.norm1(x)).astype(jnp.float32)
     x = x + self.attn2(self.norm2(x), context).astype(jnp.float32)
-    return x + self.ff(self.norm3(x), rngs, rate).astype(jnp.float32)
+    return x + self.ff(self.norm3(x)).astype(jnp.float32)
 
 
 class SpatialTransformer(nnx.Module):
-  """GN, projection in (1x1 conv, or linear), transformer blocks, projection out, residual."""
+  """GN, projection in (1x1 conv, or linear), transformer blocks, projection out, residual.
+
+  No dropout: CompVis builds its transformers without the UNet's dropout rate.
+  """
 
   def __init__(self, channels: int, spec: UNetSpec, *, rngs: nnx.Rngs):
     dtype = spec.compute_dtype
     heads, head_dim = spec.heads(channels)
     inner = heads * head_dim
     self.linear = spec.use_linear_in_transformer
-    self.dropout = spec.dropout
     self.norm = Normalize(channels, eps=1e-6, rngs=rngs)
     if self.linear:
       self.proj_in = _linear(channels, inner, dtype=dtype, rngs=rngs)
@@ -340,7 +341,7 @@ class SpatialTransformer(nnx.Module):
       hidden = hidden.reshape(b, h * w, hidden.shape[-1])
     hidden = hidden.astype(jnp.float32)
     for block in self.transformer_blocks:
-      hidden = block(hidden, context, rngs, self.dropout)
+      hidden = block(hidden, context)
     if self.linear:
       hidden = self.proj_out(hidden).reshape(b, h, w, c)
     else:
