@@ -37,6 +37,16 @@ CELEBAHQ = UNetSpec(in_channels=3, out_channels=3, model_channels=32,
                     num_heads=-1, num_head_channels=16, num_classes=7)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+  """These tiny torch models run in milliseconds on one thread but take seconds when two
+  threads spin against XLA's on a busy two-core machine."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
 def _inputs(spec, seed=0, size=16):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(2, size, size, spec.in_channels)).astype(np.float32)
@@ -70,11 +80,14 @@ def _compiled(fn):
   return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
 
 
-def _run(model, x, t, context=None, y=None):
-  graphdef, state = nnx.split(model)
+def _apply(module, *args):
+  graphdef, state = nnx.split(module)
   call = _compiled(lambda state, *args: nnx.merge(graphdef, state)(*args))
-  return np.asarray(call(state, *(None if a is None else jnp.asarray(a)
-                                  for a in (x, t, context, y))))
+  return np.asarray(call(state, *(None if a is None else jnp.asarray(a) for a in args)))
+
+
+def _run(model, x, t, context=None, y=None):
+  return _apply(model, x, t, context, y)
 
 
 def _random(spec, seed=0):
@@ -115,25 +128,24 @@ def test_updown_resblock_matches_diffusers_resnet():
       for p in ref.parameters():
         p.copy_(torch.randn_like(p) * 0.2)
     spec = dataclasses.replace(LEGACY, use_scale_shift_norm=True)
-    block = ResBlock(32, 48, 64, spec, rngs=nnx.Rngs(0), resample=direction)
+    block = nnx.eval_shape(lambda: ResBlock(32, 48, 64, spec, rngs=nnx.Rngs(0),
+                                            resample=direction))
     import_state(block, {k: v.numpy() for k, v in ref.state_dict().items()}, "diffusers")
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 8, 8, 32)).astype(np.float32)
     emb = rng.normal(size=(2, 48)).astype(np.float32)
     with torch.no_grad():
       theirs = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(emb))
-    np.testing.assert_allclose(np.asarray(block(jnp.asarray(x), jnp.asarray(emb))),
-                               theirs.permute(0, 2, 3, 1).numpy(), atol=1e-4, err_msg=direction)
+    np.testing.assert_allclose(_apply(block, x, emb), theirs.permute(0, 2, 3, 1).numpy(), atol=1e-4, err_msg=direction)
 
 
 def test_legacy_attention_matches_the_reference_formula():
   """CompVis AttentionBlock written out in torch: qkv conv1d, per-head [q, k, v] blocks,
   q and k each scaled by ch^-1/4, softmax over keys, proj_out, residual."""
   heads, channels = 2, 32
-  block = LegacyAttention(channels, dataclasses.replace(LEGACY, num_heads=heads),
-                          rngs=nnx.Rngs(0))
-  tensors = {k: torch.from_numpy(v) for k, v in export_state(block).items()}
-  tensors = {k: torch.randn_like(v) * 0.3 for k, v in tensors.items()}
+  block = nnx.eval_shape(lambda: LegacyAttention(
+      channels, dataclasses.replace(LEGACY, num_heads=heads), rngs=nnx.Rngs(0)))
+  tensors = {k: torch.randn(leaf.shape) * 0.3 for k, leaf in torch_leaves(block).items()}
   import_state(block, {k: v.numpy() for k, v in tensors.items()}, "test")
   x = torch.randn(2, channels, 4, 4)
   b, c, h, w = x.shape
@@ -146,8 +158,8 @@ def test_legacy_attention_matches_the_reference_formula():
   a = torch.einsum("bts,bcs->bct", weight, v).reshape(b, c, -1)
   out = x + torch.nn.functional.conv1d(a, tensors["proj_out.weight"],
                                        tensors["proj_out.bias"]).reshape(b, c, h, w)
-  ours = block(jnp.asarray(x.permute(0, 2, 3, 1).numpy()))
-  np.testing.assert_allclose(np.asarray(ours), out.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+  ours = _apply(block, x.permute(0, 2, 3, 1).numpy())
+  np.testing.assert_allclose(ours, out.permute(0, 2, 3, 1).numpy(), atol=1e-4)
 
 
 @pytest.mark.parametrize("spec", [LEGACY, CELEBAHQ], ids=["churches", "celebahq"])
