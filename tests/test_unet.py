@@ -295,6 +295,20 @@ def test_fresh_unet_predicts_zero():
     assert not block.proj_out.kernel[...].any() and not block.proj_out.bias[...].any()
 
 
+def test_dropout_only_with_rngs():
+  spec = dataclasses.replace(SD1, channel_mult=(1,), attention_resolutions=(1,), dropout=0.5)
+  model = _random(spec)
+  x, t, context, _ = (None if a is None else jnp.asarray(a) for a in _inputs(spec, size=8))
+  graphdef, state = nnx.split(model)
+  train = _compiled(lambda state, key: nnx.merge(graphdef, state)(
+      x, t, context, rngs=nnx.Rngs(dropout=key)))
+  a, b = train(state, jax.random.key(0)), train(state, jax.random.key(1))
+  assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
+  np.testing.assert_array_equal(_run(model, x, t, context),
+                                _run(_random(dataclasses.replace(spec, dropout=0.0)), x, t,
+                                     context))
+
+
 def test_remat_and_bfloat16():
   small = dataclasses.replace(SD1, channel_mult=(1,), attention_resolutions=(1,))
   plain = _random(small)
