@@ -136,7 +136,8 @@ def test_updown_resblock_matches_diffusers_resnet():
     emb = rng.normal(size=(2, 48)).astype(np.float32)
     with torch.no_grad():
       theirs = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(emb))
-    np.testing.assert_allclose(_apply(block, x, emb), theirs.permute(0, 2, 3, 1).numpy(), atol=1e-4, err_msg=direction)
+    np.testing.assert_allclose(_apply(block, x, emb), theirs.permute(0, 2, 3, 1).numpy(),
+                               atol=1e-4, err_msg=direction)
 
 
 def test_legacy_attention_matches_the_reference_formula():
@@ -229,11 +230,21 @@ def test_ldm_checkpoint_keys(tmp_path):
   ckpt = {f"model.diffusion_model.{k}": v for k, v in compvis.items()}
   ckpt["first_stage_model.decoder.conv_out.weight"] = np.zeros((3, 4, 3, 3), np.float32)
   ckpt["cond_stage_model.transformer.final_layer_norm.weight"] = np.ones(24, np.float32)
+  ema = _random(SD2, seed=3)
+  ckpt.update({"model_ema.diffusion_model" + k.replace(".", ""): v
+               for k, v in to_compvis(export_state(ema), SD2).items()})
+  ckpt["model_ema.num_updates"] = np.array(10, np.int32)
   write_safetensors(ckpt, tmp_path / "ldm.safetensors")
   _assert_same_weights(load_unet(tmp_path / "ldm.safetensors", spec=SD2), model)
   inferred = load_unet(tmp_path / "ldm.safetensors", num_head_channels=16)
   assert inferred.spec == _sorted(SD2)
   _assert_same_weights(inferred, model)
+  _assert_same_weights(load_unet(tmp_path / "ldm.safetensors", num_head_channels=16,
+                                 ema=True), ema)
+  del ckpt["model_ema.diffusion_modelout2weight"]
+  write_safetensors(ckpt, tmp_path / "ldm.safetensors")
+  with pytest.raises(StateMismatchError, match="no complete EMA copy.*out2weight"):
+    load_unet(tmp_path / "ldm.safetensors", spec=SD2, ema=True)
 
 
 @pytest.mark.parametrize("spec", [SD1, SD2, CLASSES], ids=["sd1", "sd2", "classes"])

@@ -4,7 +4,7 @@ ldm_jax's UNet carries diffusers' module names, so a diffusers state dict loads 
 CompVis layout (`input_blocks.N.M`, `middle_block`, `output_blocks`, `time_embed`, `out`)
 is a per-module rename computed from the spec, both ways. CompVis files may hold the UNet
 bare or under `model.diffusion_model.` (LDM checkpoints), optionally nested in
-`state_dict`; the EMA copy (`model_ema.*`) is not read.
+`state_dict`; their EMA copy (`model_ema.*`) is read on request.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import numpy as np
 from ldm_jax.convert.files import (DIFFUSERS_WEIGHTS, WeightFileError, read_safetensors_metadata,
                                    read_tensors, strip_nesting, write_diffusers_folder,
                                    write_safetensors)
-from ldm_jax.convert.torch_layout import StateMismatchError, export_state, import_state
+from ldm_jax.convert.torch_layout import (StateMismatchError, export_state, import_state,
+                                          torch_leaves)
 from ldm_jax.models.unet import UNetModel, UNetSpec, abstract_unet
 
 SPEC_METADATA_KEY = "ldm_jax.unet_spec"
@@ -299,11 +300,45 @@ def save_unet(model: UNetModel, path: str | os.PathLike, format: str = "diffuser
     raise ValueError(f"format must be 'diffusers' or 'compvis', got {format!r}")
 
 
+def ema_weights(tensors: dict[str, np.ndarray], spec: UNetSpec) -> dict[str, np.ndarray]:
+  """The EMA copy of an LDM checkpoint in CompVis keys. LitEma stores it as
+  `model_ema.diffusion_model` + the key with its dots removed."""
+  names = to_compvis({k: k for k in torch_leaves(abstract_unet(spec))}, spec)
+  stored = {name: "model_ema.diffusion_model" + name.replace(".", "") for name in names}
+  missing = sorted(v for v in stored.values() if v not in tensors)
+  if missing:
+    raise StateMismatchError(f"the checkpoint has no complete EMA copy of this UNet: "
+                             f"{len(missing)} missing, e.g. {', '.join(missing[:5])}")
+  return {name: tensors[key] for name, key in stored.items()}
+
+
+def _read_compvis(path: Path, spec: UNetSpec | None, heads: dict, ema: bool):
+  """(spec, tensors in ldm_jax names, hint) of a CompVis-layout file."""
+  if spec is None and path.suffix == ".safetensors":
+    stored = read_safetensors_metadata(path).get(SPEC_METADATA_KEY)
+    spec = UNetSpec.from_config(json.loads(stored)) if stored else None
+  everything = read_tensors(path)
+  live = {k: v for k, v in everything.items() if not k.startswith("model_ema.")}
+  compvis = strip_nesting(live, "model.diffusion_model.")
+  if spec is None:
+    if not heads:
+      raise ValueError(
+          f"{path} records every part of its UNet but the attention head split: pass "
+          "num_heads= or num_head_channels=, or spec= (a UNetSpec, or the `unet` block of "
+          "the LDM config that trained it)")
+    spec = infer_unet_spec(compvis, **heads)
+  hint = _describe(compvis)
+  if ema:
+    compvis = ema_weights(everything, spec)
+  return spec, from_compvis(compvis, spec), hint
+
+
 def load_unet(path: str | os.PathLike, spec: UNetSpec | Any = None, *,
-              num_heads: int | None = None, num_head_channels: int | None = None) -> UNetModel:
+              num_heads: int | None = None, num_head_channels: int | None = None,
+              ema: bool = False) -> UNetModel:
   """A UNetModel with the weights at `path`: a diffusers folder (or a pipeline folder with
   unet/), or a CompVis .safetensors / .ckpt (bare keys, or under `model.diffusion_model.`
-  as in LDM checkpoints; `model_ema.*` is not read).
+  as in LDM checkpoints, whose `model_ema.*` copy is read instead with ema=True).
 
   `spec` (a UNetSpec, or a config's `unet` block) may be omitted for diffusers folders and
   for files ldm_jax wrote; for other CompVis files the architecture is read from the
@@ -317,28 +352,20 @@ def load_unet(path: str | os.PathLike, spec: UNetSpec | Any = None, *,
     folder = path / "unet" if (path / "unet" / DIFFUSERS_WEIGHTS).is_file() else path
     if not (folder / DIFFUSERS_WEIGHTS).is_file():
       raise WeightFileError(f"{path} has no {DIFFUSERS_WEIGHTS} (nor unet/{DIFFUSERS_WEIGHTS})")
+    if ema:
+      raise ValueError("ema=True reads an LDM checkpoint's model_ema copy; a diffusers "
+                       "folder holds one set of weights")
     if spec is None:
       spec = spec_from_diffusers_config(json.loads((folder / "config.json").read_text()))
     tensors, layout, hint = read_tensors(folder / DIFFUSERS_WEIGHTS), "diffusers", ""
   elif not path.exists():
     raise WeightFileError(f"no weights at {path}")
   else:
-    if spec is None and path.suffix == ".safetensors":
-      stored = read_safetensors_metadata(path).get(SPEC_METADATA_KEY)
-      spec = UNetSpec.from_config(json.loads(stored)) if stored else None
-    compvis = read_tensors(path)
-    compvis = {k: v for k, v in compvis.items() if not k.startswith("model_ema.")}
-    compvis = strip_nesting(compvis, "model.diffusion_model.")
-    if spec is None:
-      if num_heads is None and num_head_channels is None:
-        raise ValueError(
-            f"{path} records every part of its UNet but the attention head split: pass "
-            "num_heads= or num_head_channels=, or spec= (a UNetSpec, or the `unet` block of "
-            "the LDM config that trained it)")
-      spec = infer_unet_spec(compvis, num_heads=-1 if num_heads is None else num_heads,
-                             num_head_channels=-1 if num_head_channels is None
-                             else num_head_channels)
-    tensors, layout, hint = from_compvis(compvis, spec), "CompVis", _describe(compvis)
+    heads = {k: v for k, v in (("num_heads", num_heads),
+                               ("num_head_channels", num_head_channels)) if v is not None}
+    heads = heads and {"num_heads": -1, "num_head_channels": -1, **heads}
+    spec, tensors, hint = _read_compvis(path, spec, heads, ema)
+    layout = "CompVis EMA" if ema else "CompVis"
   model = abstract_unet(spec)
   import_state(model, tensors, f"{path} ({layout} layout)",
                hint="Check that the spec describes the UNet that made these weights." + hint)
