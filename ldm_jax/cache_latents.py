@@ -33,15 +33,24 @@ def main(argv):
   from ldm_jax.data import latents
   from ldm_jax.data.sources import check_data
   from ldm_jax.train.first_stage import load_first_stage
+  from ldm_jax.train import concat
   from ldm_jax.train.ldm_setup import condition_spec
 
   check_data(config.data)
   conditions = condition_spec(config)
   model = load_first_stage(config.first_stage.path)
+  spec = concat.ConcatSpec.from_config(config.cond)
+  if spec.kind == "inpaint":
+    raise app.UsageError("cond.concat='inpaint' masks every image anew each step: train it "
+                         "from images, without a latent cache")
+  derived = None
+  if spec.kind == "low_res":
+    derived = lambda x: {"low_res": concat.downsample(x, spec.low_res_factor)}
   for split in _SPLITS.value or [config.data.split, config.data.val_split]:
     count = latents.write_cache(model, config.data, split, out,
                                 batch_size=_BATCH.value or int(config.data.batch_size),
-                                conditions=conditions, max_examples=_MAX.value)
+                                conditions=conditions, max_examples=_MAX.value,
+                                derived=derived)
     logging.info("cached %d examples of split %r in %s", count, split, out)
 
 

@@ -3,6 +3,10 @@
   python -m ldm_jax.sample --workdir=DIR --num=16 --steps=50 --sampler=ddim \
       --guidance=5 [--class_id=N | --prompt="a photo of a cat"] --out=grid.png
 
+Concat-conditioned models take an image: `--image=low_res.png` for super-resolution (the
+output is cond.low_res_factor times its size), `--image=photo.png --mask=mask.png` for
+inpainting (white in the mask = repaint; the output has the photo's size).
+
 Uses the EMA weights of the newest checkpoint (or --step), the first stage named in the
 run's config, and its latent scale. Each batch is one compiled sampling loop; the bar
 counts batches.
@@ -30,6 +34,10 @@ _CLASS = flags.DEFINE_integer("class_id", None, "Class id for class-conditional 
 _PROMPT = flags.DEFINE_string("prompt", None, "Caption for text-conditional models.")
 _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Used in place of the empty "
                                 "caption as the unconditional side of guidance.")
+_IMAGE = flags.DEFINE_string("image", None, "Super-resolution: the low-res image; inpainting: "
+                             "the image to repaint.")
+_MASK = flags.DEFINE_string("mask", None, "Inpainting: a mask of the image's size, white "
+                            "where the model repaints.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the newest.")
 flags.mark_flags_as_required(["workdir"])
@@ -53,6 +61,58 @@ def condition_fields(config, num: int, class_id: int | None, prompt: str | None)
   if class_id is not None or prompt is not None:
     raise app.UsageError("this model is unconditional: drop --class_id / --prompt")
   return {}
+
+
+def _read_image(path: str, mode: str):
+  import numpy as np
+  from PIL import Image
+  if not os.path.isfile(path):
+    raise app.UsageError(f"{path} not found")
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert(mode), np.float32) / 255.0
+  except OSError as e:
+    raise app.UsageError(f"cannot read {path} as an image: {e}") from None
+
+
+def concat_fields(config, spec, num: int, image: str | None, mask: str | None) -> dict:
+  """The concat inputs the flags give (a low-res image, or an image and its mask), checked
+  against the model's `cond.concat` and sizes before anything compiles."""
+  import numpy as np
+  from ldm_jax.train.concat import ConcatSpec
+  from ldm_jax.train.ldm_setup import check_image_size
+  concat = ConcatSpec.from_config(config.cond)
+  if concat.kind == "none":
+    if image is not None or mask is not None:
+      raise app.UsageError("this model takes no image (cond.concat='none'): drop --image / "
+                           "--mask")
+    return {}
+  if image is None:
+    raise app.UsageError(f"this model is conditioned on an image (cond.concat="
+                         f"{concat.kind!r}): pass --image=PATH"
+                         + (" and --mask=PATH" if concat.kind == "inpaint" else ""))
+  pixels = _read_image(image, "RGB") * 2.0 - 1.0
+  if pixels.shape[0] != pixels.shape[1]:
+    raise app.UsageError(f"--image is {pixels.shape[1]}x{pixels.shape[0]}; the sampler makes "
+                         "square images: crop it square first")
+  repeat = lambda a: np.repeat(a[None], num, axis=0)
+  try:
+    if concat.kind == "low_res":
+      if mask is not None:
+        raise app.UsageError("--mask is for inpainting models; this one does super-resolution")
+      check_image_size(config, spec, pixels.shape[0] * concat.low_res_factor,
+                       f"--image's size x cond.low_res_factor {concat.low_res_factor}")
+      return {"low_res": repeat(pixels)}
+    check_image_size(config, spec, pixels.shape[0], "--image's size")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if mask is None:
+    raise app.UsageError("this model inpaints: pass --mask=PATH (white = repaint)")
+  region = (_read_image(mask, "L") > 0.5).astype(np.float32)[..., None]
+  if region.shape[:2] != pixels.shape[:2]:
+    raise app.UsageError(f"--mask is {region.shape[1]}x{region.shape[0]} but --image is "
+                         f"{pixels.shape[1]}x{pixels.shape[0]}")
+  return {"image": repeat(pixels), "inpaint_mask": repeat(region)}
 
 
 def main(argv):
@@ -83,6 +143,7 @@ def main(argv):
       config.sample[key] = flag.value
   fields = condition_fields(config, _NUM.value, _CLASS.value, _PROMPT.value)
   run = build_run(config, _WORKDIR.value, check_training_data=False)
+  fields.update(concat_fields(config, run.spec, _NUM.value, _IMAGE.value, _MASK.value))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         abstract_state(config, run.spec, run.programs))

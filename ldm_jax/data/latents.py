@@ -52,10 +52,14 @@ def shard_path(directory: str, split: str, process: int, count: int) -> str:
 
 def write_cache(model, data_config, split: str, directory: str, *, batch_size: int,
                 conditions: ConditionSpec | None = None,
-                max_examples: int | None = None) -> int:
-  """Encodes `split` into this host's shard of `directory`; returns the examples written."""
+                max_examples: int | None = None, derived=None) -> int:
+  """Encodes `split` into this host's shard of `directory`; returns the examples written.
+
+  `derived(images) -> {name: array}`: more per-image arrays to keep, computed from the
+  same crops (the low-res inputs of a super-resolution model).
+  """
   from array_record.python.array_record_module import ArrayRecordWriter
-  encode = jax.jit(lambda x: moments(model, x))
+  encode = jax.jit(lambda x: {**moments(model, x), **(derived(x) if derived else {})})
   path = shard_path(directory, split, jax.process_index(), jax.process_count())
   written = 0
   with atomic_path(path) as tmp:

@@ -55,6 +55,13 @@ def encode(model, x: jax.Array, key: jax.Array) -> jax.Array:
   return model.encode(x)
 
 
+def encode_mean(model, x: jax.Array) -> jax.Array:
+  """Unscaled latents without sampling: the posterior mean (KL) or pre-quant z (VQ)."""
+  if model.spec.kind == "kl":
+    return model.encode(x).mean
+  return model.encode(x)
+
+
 def decode(model, latents: jax.Array, scale_factor) -> jax.Array:
   return model.decode(latents / scale_factor)
 

@@ -4,6 +4,8 @@ What trains: the UNet, the condition encoder (class embedder or text transformer
 jointly as in the paper) and, with learn_logvar, the per-timestep log-variance. The first
 stage is frozen and passed to the step as a separate, replicated argument; the latent
 `scale_factor` lives in the state, so a resumed run keeps the one scale_by_std chose.
+Concat inputs (`cond.concat`: low-res images, inpainting masks) are made inside the step
+from the batch, so they follow the state's RNG and a resumed run draws the same masks.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ldm_jax.losses.diffusion import DiffusionLossConfig, diffusion_loss, drop_c
 from ldm_jax.models.conditioners import Conditioner
 from ldm_jax.models.layers import Buffer
 from ldm_jax.models.unet import UNetModel, UNetSpec
+from ldm_jax.train import concat as concat_lib
 from ldm_jax.train import first_stage
 from ldm_jax.train import mesh as mesh_lib
 from ldm_jax.train.autoencoder_step import merge
@@ -40,8 +43,15 @@ class LatentDiffusion(nnx.Module):
     table = jnp.full((timesteps,), logvar_init, jnp.float32)
     self.logvar = nnx.Param(table) if learn_logvar else Buffer(table)
 
-  def __call__(self, x_t: jax.Array, t: jax.Array, fields: dict) -> jax.Array:
-    return self.unet(x_t, t, self.cond(fields))
+  def encode_conditions(self, fields: dict, concat: jax.Array | None = None) -> dict:
+    """What `denoise` is conditioned on: the cross-attention context and the concat input
+    (either may be None). A pytree, so guidance can batch it with the null condition."""
+    return {"context": self.cond(fields), "concat": concat}
+
+  def denoise(self, x_t: jax.Array, t: jax.Array, conditions: dict) -> jax.Array:
+    if conditions["concat"] is not None:
+      x_t = jnp.concatenate([x_t, conditions["concat"].astype(x_t.dtype)], axis=-1)
+    return self.unet(x_t, t, conditions["context"])
 
 
 @struct.dataclass
@@ -63,6 +73,7 @@ class LDMPrograms:
   schedule: Schedule
   loss: DiffusionLossConfig
   cond_fields: tuple[str, ...]
+  concat: concat_lib.ConcatSpec
   cond_dropout: float
   ema_decay: float
 
@@ -99,21 +110,35 @@ def latents_of(programs: LDMPrograms, batch: dict, first_stage_state, key) -> ja
   return first_stage.encode(model, batch["image"], key)
 
 
+def concat_input(programs: LDMPrograms, fields: dict, latent_shape: tuple, first_stage_state,
+                 scale_factor) -> jax.Array | None:
+  """The concat conditioning input for latents of `latent_shape` (None without one)."""
+  if programs.concat.kind == "none":
+    return None
+  encode_mean = lambda x: first_stage.encode_mean(
+      merge(programs.first_stage_def, first_stage_state), x)
+  return sg(concat_lib.concat_input(programs.concat, fields, latent_shape, encode_mean,
+                                    scale_factor))
+
+
 def make_train_step(programs: LDMPrograms) -> Callable:
   """step(state, batch, first_stage_state) -> (state, metrics)."""
 
   def step_fn(state: LDMState, batch: dict, first_stage_state) -> tuple[LDMState, dict]:
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    latent_key, drop_key, loss_key = jax.random.split(key, 3)
+    latent_key, drop_key, loss_key, concat_key = jax.random.split(key, 4)
     z = sg(latents_of(programs, batch, first_stage_state, latent_key)) * state.scale_factor
     fields = {name: batch[name] for name in programs.cond_fields}
+    concat = concat_input(programs, concat_lib.training_fields(programs.concat, batch,
+                                                               concat_key),
+                          z.shape, first_stage_state, state.scale_factor)
 
     def loss_fn(params):
       model = merge(programs.model_def, params, state.rest)
       used = drop_conditions(fields, model.cond.null_fields(z.shape[0]),
                              programs.cond_dropout, drop_key)
-      context = model.cond(used)
-      apply = lambda x_t, t: model.unet(x_t, t, context)
+      conditions = model.encode_conditions(used, concat)
+      apply = lambda x_t, t: model.denoise(x_t, t, conditions)
       return diffusion_loss(programs.loss, programs.schedule, apply, z, loss_key,
                             model.logvar[...])
 
@@ -154,7 +179,9 @@ def scale_by_std(programs: LDMPrograms, batch: dict, first_stage_state, rng) -> 
 
 
 def describe(programs: LDMPrograms) -> str:
+  conditions = list(programs.cond_fields) + [f"concat:{programs.concat.kind}"
+                                             ] * (programs.concat.kind != "none")
   return (f"{programs.schedule.timesteps} timesteps, {programs.loss.parameterization} "
           f"prediction, {programs.loss.loss_type} loss, conditioned on "
-          f"{list(programs.cond_fields) or 'nothing'}")
+          f"{conditions or 'nothing'}")
 
