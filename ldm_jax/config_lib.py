@@ -120,7 +120,9 @@ def ldm_config(*, first_stage: dict[str, Any], unet: dict[str, Any], diffusion: 
   config.sample = dict(sampler="ddim", steps=50, eta=0.0, guidance_scale=1.0, num=16,
                        every=5000)
   config.train = dict(num_steps=1_000_000, log_every=100, eval_every=5000, ckpt_every=5000,
-                      keep_checkpoints=3, seed=0, mesh=dict(data=-1, fsdp=1))
+                      keep_checkpoints=3, seed=0, mesh=dict(data=-1, fsdp=1),
+                      eval_examples=1000)  # FID / IS samples every eval_every; 0 = all
+  config.eval = dict(inception_weights="", reference_stats="", num_examples=0)
   if arg in ("demo", "tiny"):
     _shrink_ldm(config, tiny=arg == "tiny")
   return config

@@ -1,37 +1,52 @@
-"""Evaluate a first-stage run: `python -m ldm_jax.evaluate --workdir=DIR [--step=N]`.
+"""Evaluate a training run: `python -m ldm_jax.evaluate --workdir=DIR [--step=N]`.
 
-Reconstructs the validation split (or --split) with the checkpoint's EMA weights (when the
-run kept them) and reports PSNR, SSIM, LPIPS (when LPIPS weights are configured) as mean ±
-std over images, and rFID (when Inception weights are configured). Writes
-`DIR/eval/step_NNNNNNN.json`, a markdown table beside it, and TensorBoard scalars under
-`eval/`. The run's saved config.json is used; flags override its `eval` block:
+A first-stage run: reconstructs the validation split (or --split) with the checkpoint's
+EMA weights (when the run kept them) and reports PSNR, SSIM, LPIPS (when LPIPS weights are
+configured) as mean ± std over images, and rFID (when Inception weights are configured).
+
+An LDM run (config.json with stage "ldm"): draws one sample per example of the split,
+conditioned on that example's label or caption, with the EMA weights and the run's
+sampler, and reports FID against the split (or --reference_stats) and the Inception
+Score. Inception weights are required; --sampler, --steps and --guidance override the
+run's `sample` block.
+
+Writes `DIR/eval/step_NNNNNNN.json`, a markdown table beside it, and TensorBoard scalars
+under `eval/`. The run's saved config.json is used; flags override its `eval` block:
 
   --inception_weights=inception_fid.safetensors   (see ldm_jax.convert.inception_weights)
   --reference_stats=val_stats.npz                 (see ldm_jax.eval.reference_stats)
-  --lpips_weights=lpips_vgg.safetensors --num_examples=N --split=validation --batch_size=B
+  --num_examples=N --split=validation --batch_size=B
+  --lpips_weights=lpips_vgg.safetensors           (first stage)
+  --sampler=ddim --steps=50 --guidance=3          (LDM)
 """
 
 from __future__ import annotations
 
 from absl import app, flags
 
-from ldm_jax.eval.workdir import (apply_overrides, evaluate_workdir, load_run_config,
+from ldm_jax.diffusion.samplers import SAMPLERS
+from ldm_jax.eval.workdir import (apply_overrides, evaluate_workdir, is_ldm, load_run_config,
                                   markdown_table)
 from ldm_jax.logs import console_logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the newest.")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", None,
-                                     "Images to score; default config.eval.num_examples "
-                                     "(0 = the whole split).")
+                                     "Examples to score (LDM: one sample each); default "
+                                     "config.eval.num_examples (0 = the whole split).")
 _SPLIT = flags.DEFINE_string("split", None, "Data split; default config.data.val_split.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch; default config.data.batch_size.")
 _INCEPTION = flags.DEFINE_string("inception_weights", None,
                                  "FID Inception safetensors; default config.eval's.")
 _REFERENCE = flags.DEFINE_string("reference_stats", None,
-                                 "Reference .npz (mu, sigma) of the split for rFID.")
+                                 "Reference .npz (mu, sigma) of the split for rFID / FID.")
 _LPIPS = flags.DEFINE_string("lpips_weights", None,
-                             "LPIPS safetensors; default config.loss.lpips_weights.")
+                             "First stage: LPIPS safetensors; default config.loss's.")
+_SAMPLER = flags.DEFINE_enum("sampler", None, list(SAMPLERS),
+                             "LDM: sampler; default config.sample.sampler.")
+_STEPS = flags.DEFINE_integer("steps", None, "LDM: sampler steps; default config.sample's.")
+_GUIDANCE = flags.DEFINE_float("guidance", None,
+                               "LDM: classifier-free guidance scale; default config.sample's.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -43,8 +58,13 @@ def main(argv):
     config = apply_overrides(
         load_run_config(_WORKDIR.value), num_examples=_NUM_EXAMPLES.value,
         split=_SPLIT.value, batch_size=_BATCH.value, inception_weights=_INCEPTION.value,
-        reference_stats=_REFERENCE.value, lpips_weights=_LPIPS.value)
-    report = evaluate_workdir(_WORKDIR.value, config, _STEP.value)
+        reference_stats=_REFERENCE.value, lpips_weights=_LPIPS.value,
+        sampler=_SAMPLER.value, steps=_STEPS.value, guidance=_GUIDANCE.value)
+    if is_ldm(config):
+      from ldm_jax.eval.generation import evaluate_ldm_workdir
+      report = evaluate_ldm_workdir(_WORKDIR.value, config, _STEP.value)
+    else:
+      report = evaluate_workdir(_WORKDIR.value, config, _STEP.value)
   except (FileNotFoundError, ValueError) as e:  # missing files, bad config: no traceback
     raise SystemExit(f"error: {e}") from None
   print(markdown_table(report))

@@ -23,7 +23,7 @@ from flax import nnx
 
 from ldm_jax.eval import fid as fid_lib
 from ldm_jax.eval import metrics as image_metrics
-from ldm_jax.eval.streaming import MeanStd, to_host
+from ldm_jax.eval.streaming import InceptionForward, MeanStd, image_batch, to_host
 from ldm_jax.train import autoencoder_step as step_lib
 from ldm_jax.train import mesh as mesh_lib
 
@@ -88,11 +88,9 @@ class ReconstructionEvaluator:
                    if recon_stats is not None and self.reference is None else None)
     shown = None
     for i, batch in enumerate(batches):
-      x, mask = (jax.make_array_from_process_local_data(self.sharding, np.asarray(batch[k]))
-                 for k in ("image", "mask"))
+      x, mask = image_batch(batch, self.sharding)
       xrec, sample, values = self._step(state, self.net_states, x, jax.random.key(i))
       values = {k: to_host(v) for k, v in values.items()}
-      mask = to_host(mask)
       for name in PER_IMAGE:
         if name in values:
           scores[name].update(values[name], mask)
@@ -124,15 +122,11 @@ def feature_stats(inception, mesh, batches: Iterable[dict],
                   progress: Callable[[int], None] | None = None) -> fid_lib.FeatureStats:
   """Inception pool-feature statistics of a split's images (for reference `.npz` files)."""
   sharding = mesh_lib.batch_sharding(mesh)
-  graphdef = nnx.graphdef(inception)
-  net_state = jax.device_put(nnx.state(inception), mesh_lib.replicated(mesh))
-  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)["pool"])
+  forward = InceptionForward(inception, mesh)
   stats = fid_lib.FeatureStats()
   for batch in batches:
-    x, mask = (jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-               for k in ("image", "mask"))
-    mask = to_host(mask)
-    stats.update(to_host(forward(net_state, x)), mask)
+    x, mask = image_batch(batch, sharding)
+    stats.update(forward(x)["pool"], mask)
     if progress is not None:
       progress(int(mask.sum()))
   return stats

@@ -12,9 +12,9 @@ def compute_reference_stats(data_config, split: str, inception_weights: str, out
   import tqdm
 
   from ldm_jax.data.pipeline import eval_batches
-  from ldm_jax.data.sources import make_source
   from ldm_jax.eval import fid as fid_lib
   from ldm_jax.eval.reconstruction import feature_stats
+  from ldm_jax.eval.workdir import num_images
   from ldm_jax.models.inception import make_inception
   from ldm_jax.train import mesh as mesh_lib
 
@@ -23,8 +23,7 @@ def compute_reference_stats(data_config, split: str, inception_weights: str, out
   inception = make_inception(inception_weights)
   mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1})
   mesh_lib.check_batch(batch_size, mesh)
-  total = len(make_source(data_config, split))
-  total = min(total, num_examples) if num_examples else total
+  total = num_images(data_config, split, num_examples or None)
   bar = tqdm.tqdm(total=total, unit="img", desc="reference stats",
                   disable=jax.process_index() > 0)
   with bar:

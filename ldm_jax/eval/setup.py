@@ -4,8 +4,9 @@
                                    ldm_jax.convert.inception_weights); "" = no rFID/FID
     config.eval.reference_stats    .npz (mu, sigma) of the evaluated split, from
                                    ldm_jax.eval.reference_stats; "" = use the inputs' own
-    config.eval.num_examples       images `python -m ldm_jax.evaluate` scores; 0 = the
-                                   whole split (training uses train.eval_examples)
+    config.eval.num_examples       images `python -m ldm_jax.evaluate` scores (LDMs: samples,
+                                   one per example); 0 = the whole split (training
+                                   uses train.eval_examples)
 
 Runs saved before the block existed lack it; their configs get these defaults.
 """
@@ -35,10 +36,11 @@ def eval_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return out
 
 
-def eval_networks(config: ml_collections.ConfigDict):
-  """(Inception or None, (mu, sigma) or None); a configured but missing file is an error."""
+def eval_networks(config: ml_collections.ConfigDict, required: bool = False):
+  """(Inception or None, (mu, sigma) or None); a configured but missing file is an error,
+  and so is no file at all when `required` (FID of samples has nothing else to report)."""
   cfg = eval_config(config)
-  if not cfg.inception_weights:
+  if not cfg.inception_weights and not required:
     return None, None
   inception = make_inception(cfg.inception_weights)
   reference = fid_lib.load_stats(cfg.reference_stats) if cfg.reference_stats else None

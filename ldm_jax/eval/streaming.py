@@ -1,4 +1,5 @@
-"""Host-side accumulation of per-image values from sharded, padded batches.
+"""Host-side accumulation of per-image values from sharded, padded batches, and the FID
+network's forward pass that every evaluator shares.
 
 Evaluation batches are global arrays split over the mesh, padded at the end with masked-out
 blank images (`data.pipeline.eval_batches`). Values come to every host with one all-gather
@@ -8,9 +9,14 @@ devices or hosts, nor on the padding.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
+
+from ldm_jax.train import mesh as mesh_lib
 
 
 def to_host(x) -> np.ndarray:
@@ -18,6 +24,34 @@ def to_host(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
+
+
+def image_batch(batch: dict, sharding) -> tuple[jax.Array, np.ndarray]:
+  """A host's {"image", "mask"} share as one global image array, and the whole mask."""
+  image, mask = (jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+                 for k in ("image", "mask"))
+  return image, to_host(mask).astype(bool)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _inception_outputs(graphdef, state, images, names):
+  out = nnx.merge(graphdef, state)(images)
+  return {k: out[k] for k in names}
+
+
+class InceptionForward:
+  """The FID network replicated over a mesh: global NHWC images in [-1, 1] -> the named
+  outputs ("pool", "logits_unbiased", ...) of the whole batch, on the host. One compiled
+  program per architecture and batch shape, shared by every instance in the process."""
+
+  def __init__(self, inception, mesh, outputs: tuple[str, ...] = ("pool",)):
+    self.graphdef = nnx.graphdef(inception)
+    self.state = jax.device_put(nnx.state(inception), mesh_lib.replicated(mesh))
+    self.outputs = tuple(outputs)
+
+  def __call__(self, images: jax.Array) -> dict[str, np.ndarray]:
+    out = _inception_outputs(self.graphdef, self.state, images, self.outputs)
+    return {k: to_host(v) for k, v in out.items()}
 
 
 class MeanStd:

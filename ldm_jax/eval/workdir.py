@@ -1,9 +1,10 @@
-"""Scoring a first-stage training workdir's checkpoint, and the reports it writes.
+"""Scoring a training workdir's checkpoint, and the reports it writes.
 
 The library half of `python -m ldm_jax.evaluate` (flags live there): the run's saved
-config.json with evaluation overrides, the checkpoint restored onto the mesh, one
-streaming pass of `eval.reconstruction`, then `DIR/eval/step_NNNNNNN.json`, a markdown
-table beside it and TensorBoard scalars under `eval/`.
+config.json with evaluation overrides, and for a first-stage run the checkpoint restored
+onto the mesh and one streaming pass of `eval.reconstruction` (an LDM run goes to
+`eval.generation` instead); either way `DIR/eval/step_NNNNNNN.json`, a markdown table
+beside it and TensorBoard scalars under `eval/`.
 """
 
 from __future__ import annotations
@@ -14,25 +15,33 @@ import os
 
 from absl import logging
 
-ORDER = ("rfid", "psnr", "ssim", "lpips")
-LABELS = {"rfid": "rFID ↓", "psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓"}
+ORDER = ("fid", "is", "rfid", "psnr", "ssim", "lpips")
+LABELS = {"fid": "FID ↓", "is": "IS ↑", "rfid": "rFID ↓", "psnr": "PSNR (dB) ↑",
+          "ssim": "SSIM ↑", "lpips": "LPIPS ↓"}
 
 
 def load_run_config(workdir: str):
+  """A training run's saved config.json, of either stage (see `is_ldm`)."""
   import ml_collections
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if config.get("stage") == "ldm":
-    raise ValueError(f"{workdir} is an LDM run; this evaluates first-stage autoencoders")
-  return config
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def is_ldm(config) -> bool:
+  return config.get("stage") == "ldm"
 
 
 def apply_overrides(config, *, num_examples=None, split=None, batch_size=None,
-                    inception_weights=None, reference_stats=None, lpips_weights=None):
-  """The run's config with evaluation choices replaced (None keeps the saved value)."""
+                    inception_weights=None, reference_stats=None, lpips_weights=None,
+                    sampler=None, steps=None, guidance=None):
+  """The run's config with evaluation choices replaced (None keeps the saved value).
+
+  `lpips_weights` applies to first-stage runs, `sampler`, `steps` and `guidance`
+  (config.sample.*) to LDM runs; given for the other kind they are an error.
+  """
   from ldm_jax.eval.setup import eval_config
   config = config.copy_and_resolve_references()
   config.eval = eval_config(config).to_dict()
@@ -44,20 +53,37 @@ def apply_overrides(config, *, num_examples=None, split=None, batch_size=None,
     config.data.val_split = split
   if batch_size is not None:
     config.data.batch_size = batch_size
-  if lpips_weights is not None:
-    config.loss.lpips_weights = lpips_weights
+  sample = {"sampler": sampler, "steps": steps, "guidance_scale": guidance}
+  if is_ldm(config):
+    if lpips_weights is not None:
+      raise ValueError("lpips_weights scores autoencoder reconstructions; an LDM run is "
+                       "scored by FID and IS of its samples")
+    for key, value in sample.items():
+      if value is not None:
+        config.sample[key] = value
+  else:
+    given = [k for k, v in sample.items() if v is not None]
+    if given:
+      raise ValueError(f"sample.{given} apply to LDM runs; this is a first-stage run")
+    if lpips_weights is not None:
+      config.loss.lpips_weights = lpips_weights
   eval_config(config)
   return config
+
+
+def num_images(data_config, split: str, limit: int | None) -> int:
+  """How many records of `split` an evaluation of at most `limit` (None = all) reads."""
+  from ldm_jax.data.sources import make_source
+  total = len(make_source(data_config, split))
+  return min(total, limit) if limit else total
 
 
 def evaluate_workdir(workdir: str, config, step: int | None = None) -> dict:
   """Scores `workdir`'s checkpoint under `config`; writes the reports; returns them."""
   import jax
   import tqdm
-  from clu import metric_writers
 
   from ldm_jax.data.pipeline import eval_batches
-  from ldm_jax.data.sources import make_source
   from ldm_jax.eval.reconstruction import ReconstructionEvaluator, summary_line
   from ldm_jax.eval.setup import eval_networks
   from ldm_jax.models.lpips import make_lpips
@@ -77,8 +103,7 @@ def evaluate_workdir(workdir: str, config, step: int | None = None) -> dict:
 
   split = config.data.val_split
   limit = int(config.eval.num_examples) or None
-  total = len(make_source(config.data, split))
-  total = min(total, limit) if limit else total
+  total = num_images(config.data, split, limit)
   logging.info("evaluating step %d on %d images of %r (rFID: %s, LPIPS: %s)", step, total,
                split, "yes" if inception is not None else "no (no Inception weights)",
                "yes" if lpips_model is not None else "no (no LPIPS weights)")
@@ -101,20 +126,31 @@ def evaluate_workdir(workdir: str, config, step: int | None = None) -> dict:
       "lpips_weights": config.loss.lpips_weights,
       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
+  publish(workdir, report)
+  return report
+
+
+def publish(workdir: str, report: dict) -> None:
+  """The report's JSON and markdown (process 0) and its metrics as `eval/` scalars."""
+  import jax
+  from clu import metric_writers
   if jax.process_index() == 0:
     write_reports(workdir, report)
   writer = metric_writers.create_default_writer(os.path.join(workdir, "eval"),
                                                 just_logging=jax.process_index() > 0)
-  writer.write_scalars(step, {f"eval/{k}": v for k, v in report["metrics"].items()})
+  writer.write_scalars(report["step"], {f"eval/{k}": v for k, v in report["metrics"].items()})
   writer.flush()
-  return report
 
 
 def markdown_table(report: dict) -> str:
   m = report["metrics"]
-  lines = [f"Step {report['step']}, {report['num_examples']} images of "
-           f"`{report['split']}` ({report['weights']} weights)", "",
-           "| metric | value |", "|---|---|"]
+  if "sampler" in report:  # an LDM: samples, one per example of the split
+    what = (f"{report['num_examples']} samples ({report['sampler']}, {report['steps']} "
+            f"steps, guidance {report['guidance']:g}) conditioned on")
+  else:
+    what = f"{report['num_examples']} images of"
+  lines = [f"Step {report['step']}, {what} `{report['split']}` ({report['weights']} weights)",
+           "", "| metric | value |", "|---|---|"]
   for name in ORDER:
     if name in m:
       value = f"{m[name]:.4f}"

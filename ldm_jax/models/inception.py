@@ -227,8 +227,15 @@ class InceptionV3(nnx.Module):
     return {"pool": pool, "logits_unbiased": unbiased, "logits": unbiased + self.fc.bias[...]}
 
 
-def _abstract() -> InceptionV3:
+@functools.cache
+def _abstract_template() -> InceptionV3:
   return nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0)))
+
+
+def _abstract() -> InceptionV3:
+  """Shapes only; tracing the constructor takes seconds, so one template is kept and
+  copied (each load fills its own copy)."""
+  return nnx.clone(_abstract_template())
 
 
 def torch_shapes() -> dict[str, tuple[int, ...]]:

@@ -10,6 +10,7 @@ import ml_collections
 
 from ldm_jax.data.conditions import ConditionSpec
 from ldm_jax.data.tokenizer import make_tokenizer
+from ldm_jax.eval.setup import DEFAULTS as EVAL_DEFAULTS
 
 FIELDS_BY_KIND = {"none": (), "class": ("label",), "text": ("tokens",)}
 
@@ -43,7 +44,8 @@ KNOWN_KEYS = {
               "weight_decay", "warmup_steps", "grad_clip_norm", "ema_decay"},
     "sample": {"sampler", "steps", "eta", "guidance_scale", "num", "every"},
     "train": {"num_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints",
-              "seed", "mesh"},
+              "seed", "mesh", "eval_examples"},
+    "eval": set(EVAL_DEFAULTS),  # optional: runs saved before it existed lack the block
 }
 
 
@@ -52,7 +54,7 @@ def check_config(config: ml_collections.ConfigDict):
   from ldm_jax.diffusion.samplers import SAMPLERS
   from ldm_jax.models.unet import UNetSpec
   for block, known in KNOWN_KEYS.items():
-    unknown = sorted(set(config[block].keys()) - known)
+    unknown = sorted(set((config.get(block) or {}).keys()) - known)
     if unknown:
       raise ValueError(f"unknown config keys {block}.{unknown}; valid: {sorted(known)}")
   spec = UNetSpec.from_config(config.unet)

@@ -121,6 +121,8 @@ def grid(images: np.ndarray, columns: int = 4) -> np.ndarray:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run = build_run(config, workdir)
+  from ldm_jax.eval.generation import training_evaluation  # it imports this module
+  evaluation = training_evaluation(run)  # FID / IS; None without eval.inception_weights
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -188,6 +190,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if jax.process_index() == 0:
           writer.write_images(step, {"samples": image[None]})
           save_grid(image, os.path.join(workdir, "images", f"samples_{step:07d}.png"))
+      if evaluation is not None and (step % int(config.train.eval_every) == 0
+                                     or step == num_steps):
+        last = {**last, **evaluation(state, step, writer)}
       saved = False
       if step % int(config.train.ckpt_every) == 0 or step == num_steps:
         saved = checkpoint.save(manager, step, state, iterator)
