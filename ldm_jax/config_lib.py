@@ -83,7 +83,9 @@ def ldm_config(*, first_stage: dict[str, Any], unet: dict[str, Any], diffusion: 
 
   `first_stage`: `path` (an ldm_jax autoencoder workdir or PyTorch weights), `kind`,
   `downsample_factor`, `scale_factor` and `scale_by_std`. `unet` uses the CompVis
-  openaimodel argument names. `cond.kind` is none | class | text | concat | hybrid.
+  openaimodel argument names. `cond.kind` (none | class | text) is the cross-attention
+  condition, `cond.concat` (none | low_res | inpaint) what is concatenated to the latent;
+  both together are the reference's "hybrid" (see ldm_jax.train.concat).
   """
   if arg not in VARIANTS:
     raise ValueError(f"unknown config variant {arg!r}; choose one of: demo, tiny (or none)")
@@ -107,7 +109,8 @@ def ldm_config(*, first_stage: dict[str, Any], unet: dict[str, Any], diffusion: 
   config.cond = dict(kind="none", num_classes=0, embed_dim=512, dropout_prob=0.0,
                      vocab_file="", max_length=77, text_width=1280, text_depth=32,
                      text_heads=8, text_head_dim=64, caption_key="caption",
-                     label_key="label")
+                     label_key="label", concat="none", low_res_factor=4,
+                     full_mask_prob=0.25)
   config.cond.update(cond)
   config.optim = dict(base_learning_rate=base_learning_rate, scale_lr=scale_lr,
                       accumulate_grad_batches=1, b1=0.9, b2=0.999, eps=1e-8,
@@ -141,7 +144,7 @@ def _shrink_ldm(config: ml_collections.ConfigDict, *, tiny: bool) -> None:
     config.unet.context_dim = 64
   config.cond.update(embed_dim=64, text_width=64, text_depth=2, text_heads=2, text_head_dim=32,
                      max_length=32)
-  if config.cond.kind in ("class", "text", "hybrid"):
+  if config.cond.kind in ("class", "text"):
     config.cond.dropout_prob = 0.1
   config.optim.update(base_learning_rate=2e-4, scale_lr=False, warmup_steps=0, ema_decay=0.99)
   config.data.update(image_size=64, batch_size=8)

@@ -16,16 +16,9 @@ from ldm_jax.models.autoencoder import build_autoencoder
 from ldm_jax.train import concat, first_stage, ldm_step, ldm_trainer
 from ldm_jax.train.ldm_setup import build_model
 from ldm_jax.train.ldm_trainer import build_run, make_sampler, sampler_fields
-from test_train_ldm import _config, _saved_state
+from test_train_ldm import _config, _saved_state, kl_weights  # noqa: F401 (a fixture)
 
 CPU = dict(os.environ, JAX_PLATFORMS="cpu")
-
-
-@pytest.fixture(scope="module")
-def kl_weights(tmp_path_factory):
-  path = tmp_path_factory.mktemp("ae") / "kl.safetensors"
-  save_autoencoder(build_autoencoder(KL_F8_SMALL, nnx.Rngs(0)), path, format="compvis")
-  return path
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,7 @@ class GenerationEvaluator:
     logits = []
     for i, batch in enumerate(batches):
       real, mask = image_batch(batch, self.sharding)
-      fields = mesh_lib.global_batch(ldm_trainer.sampler_fields(self.run, batch),
+      fields = mesh_lib.global_batch(ldm_trainer.sampler_fields(self.run, batch, seed=i),
                                      self.sharding)
       images = self.sampler(state, fields, self.first_stage_state, self.key(i),
                             num=real.shape[0])

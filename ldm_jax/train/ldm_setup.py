@@ -11,6 +11,7 @@ import ml_collections
 from ldm_jax.data.conditions import ConditionSpec
 from ldm_jax.data.tokenizer import make_tokenizer
 from ldm_jax.eval.setup import DEFAULTS as EVAL_DEFAULTS
+from ldm_jax.train.concat import ConcatSpec
 
 FIELDS_BY_KIND = {"none": (), "class": ("label",), "text": ("tokens",)}
 
@@ -39,7 +40,7 @@ KNOWN_KEYS = {
                   "l_simple_weight", "original_elbo_weight"},
     "cond": {"kind", "num_classes", "embed_dim", "dropout_prob", "vocab_file", "max_length",
              "text_width", "text_depth", "text_heads", "text_head_dim", "caption_key",
-             "label_key"},
+             "label_key", "concat", "low_res_factor", "full_mask_prob"},
     "optim": {"base_learning_rate", "scale_lr", "accumulate_grad_batches", "b1", "b2", "eps",
               "weight_decay", "warmup_steps", "grad_clip_norm", "ema_decay"},
     "sample": {"sampler", "steps", "eta", "guidance_scale", "num", "every"},
@@ -60,6 +61,13 @@ def check_config(config: ml_collections.ConfigDict):
   spec = UNetSpec.from_config(config.unet)
   cond = config.cond
   condition_spec(config)  # checks cond.kind
+  concat = ConcatSpec.from_config(cond)
+  if concat.kind == "inpaint" and config.first_stage.cache_dir:
+    raise ValueError("cond.concat='inpaint' encodes a freshly masked image every step, "
+                     "which a latent cache cannot hold: drop first_stage.cache_dir")
+  if concat.kind == "low_res" and config.data.image_size % concat.low_res_factor:
+    raise ValueError(f"data.image_size={config.data.image_size} is not divisible by "
+                     f"cond.low_res_factor={concat.low_res_factor}")
   if cond.kind == "class" and cond.num_classes < 2:
     raise ValueError("cond.kind='class' needs cond.num_classes >= 2 (the classes plus the "
                      "null class used for guidance)")
@@ -68,16 +76,9 @@ def check_config(config: ml_collections.ConfigDict):
     raise ValueError(f"unet.context_dim={spec.context_dim} must equal the condition "
                      f"encoder's width {width} (cond.embed_dim / cond.text_width)")
   if cond.kind == "none" and spec.use_spatial_transformer:
-    raise ValueError("an unconditional model has no context for cross-attention: set "
-                     "unet.use_spatial_transformer=False")
-  if config.data.image_size % config.first_stage.downsample_factor:
-    raise ValueError(f"data.image_size={config.data.image_size} is not divisible by the first "
-                     f"stage's factor {config.first_stage.downsample_factor}")
-  latent = config.data.image_size // config.first_stage.downsample_factor
-  if latent % 2**(len(spec.channel_mult) - 1):
-    raise ValueError(f"latents of {latent}x{latent} cannot go down "
-                     f"{len(spec.channel_mult) - 1} times in the UNet; change data.image_size "
-                     "or unet.channel_mult")
+    raise ValueError("a model without a class or text condition has no context for "
+                     "cross-attention: set unet.use_spatial_transformer=False")
+  check_image_size(config, spec, int(config.data.image_size), "data.image_size")
   if config.sample.sampler not in SAMPLERS:
     raise ValueError(f"sample.sampler={config.sample.sampler!r}; choose one of {SAMPLERS}")
   if not 1 <= config.sample.steps <= config.diffusion.timesteps:
@@ -94,6 +95,18 @@ def check_config(config: ml_collections.ConfigDict):
     raise ValueError("set first_stage.path to the autoencoder (an ldm_jax workdir or PyTorch "
                      "weights), or first_stage.cache_dir to a latent cache")
   return spec
+
+
+def check_image_size(config: ml_collections.ConfigDict, spec, size: int, what: str) -> None:
+  """Images of `size` must give latents the UNet can halve at each of its levels."""
+  factor = int(config.first_stage.downsample_factor)
+  if size % factor:
+    raise ValueError(f"{what}={size} is not divisible by the first stage's factor {factor}")
+  latent, halvings = size // factor, len(spec.channel_mult) - 1
+  if latent % 2**halvings:
+    raise ValueError(f"{what}={size} gives latents of {latent}x{latent}, which cannot go "
+                     f"down {halvings} times in the UNet: use a multiple of "
+                     f"{factor * 2**halvings}")
 
 
 def build_model(config: ml_collections.ConfigDict, spec, seed: int):
@@ -135,6 +148,7 @@ def build_programs(config: ml_collections.ConfigDict, first_stage_def):
       schedule=Schedule.from_config(config.diffusion),
       loss=DiffusionLossConfig.from_config(config.diffusion),
       cond_fields=FIELDS_BY_KIND[config.cond.kind],
+      concat=ConcatSpec.from_config(config.cond),
       cond_dropout=float(config.cond.dropout_prob), ema_decay=float(config.optim.ema_decay))
   return spec, programs
 

@@ -28,6 +28,7 @@ from ldm_jax.data.pipeline import skipped_records, train_iterator
 from ldm_jax.data.sources import check_data
 from ldm_jax.diffusion import samplers
 from ldm_jax.train import checkpoint, first_stage, ldm_step
+from ldm_jax.train import concat as concat_lib
 from ldm_jax.train import mesh as mesh_lib
 from ldm_jax.train.images import save_grid
 from ldm_jax.train.ldm_setup import build_model, build_programs, condition_spec
@@ -67,9 +68,16 @@ def build_run(config: ml_collections.ConfigDict, workdir: str,
                      f"but the autoencoder downsamples by {autoencoder.spec.downsample_factor}")
   fs_def, fs_state = nnx.split(autoencoder)
   spec, programs = build_programs(config, fs_def)
-  if spec.in_channels != autoencoder.spec.embed_dim:
+  latent_channels = autoencoder.spec.embed_dim
+  extra = programs.concat.channels(latent_channels)
+  if spec.in_channels != latent_channels + extra:
+    with_concat = (f" plus {extra} concatenated ({programs.concat.kind})" if extra else "")
     raise ValueError(f"unet.in_channels={spec.in_channels} but the first stage's latents have "
-                     f"{autoencoder.spec.embed_dim} channels")
+                     f"{latent_channels} channels{with_concat}: set unet.in_channels="
+                     f"{latent_channels + extra}")
+  if spec.out_channels != latent_channels:
+    raise ValueError(f"unet.out_channels={spec.out_channels} but the first stage's latents "
+                     f"have {latent_channels} channels")
   return LDMRun(config, workdir, spec, programs, mesh, autoencoder, fs_state, global_batch)
 
 
@@ -83,30 +91,57 @@ def _iterator(run: LDMRun):
 
 
 def make_sampler(run: LDMRun):
-  """jit(state, fields, first_stage_state, key, num=, negative=None) -> images in [-1, 1]."""
+  """jit(state, fields, first_stage_state, key, num=, negative=None) -> images in [-1, 1].
+
+  `fields` holds the class / text fields and the concat inputs (`sampler_fields`); the
+  images are `data.image_size` square, or sized by the concat input (a low-res image times
+  `cond.low_res_factor`, the image to inpaint).
+  """
   config, programs = run.config, run.programs
   factor = int(config.first_stage.downsample_factor)
-  size = int(config.data.image_size) // factor
-  channels = run.spec.in_channels
+  channels = run.spec.out_channels
   sample_cfg = config.sample
   fs_def = programs.first_stage_def
+  concat_spec = programs.concat
 
   def sample(state, fields, fs_state, key, num: int, negative=None):
     """`negative`: condition fields to guide away from, instead of the null condition."""
     model = ldm_step.eval_model(programs, state)
     noise_key, sampler_key = jax.random.split(key)
+    size = concat_spec.image_size(fields, int(config.data.image_size)) // factor
     x = jax.random.normal(noise_key, (num, size, size, channels), jnp.float32)
+    cross = {k: fields[k] for k in programs.cond_fields}
+    concat = ldm_step.concat_input(programs, fields, x.shape, fs_state, state.scale_factor)
     uncond = negative if negative is not None else model.cond.null_fields(num)
-    # The contexts do not change along the sampling loop: encode them once.
-    fn = samplers.guided(lambda x_t, t, context: model.unet(x_t, t, context),
-                         model.cond(fields), model.cond(uncond),
-                         float(sample_cfg.guidance_scale) if fields else 1.0)
+    # The conditions do not change along the sampling loop: encode them once. The concat
+    # input is the same on both sides of guidance.
+    fn = samplers.guided(model.denoise, model.encode_conditions(cross, concat),
+                         model.encode_conditions(uncond, concat),
+                         float(sample_cfg.guidance_scale) if cross else 1.0)
     z = samplers.sample(sample_cfg.sampler, fn, x, programs.schedule, int(sample_cfg.steps),
                         parameterization=programs.loss.parameterization,
                         eta=float(sample_cfg.eta), key=sampler_key)
     return first_stage.decode(nnx.merge(fs_def, fs_state), z, state.scale_factor)
 
   return jax.jit(sample, static_argnames=("num",))
+
+
+def sampler_fields(run: LDMRun, batch: dict, seed: int = 0) -> dict:
+  """The condition inputs `make_sampler`'s sampler takes, read off a data batch: its class
+  or text fields, and concat inputs made from its images as in training (inpainting masks
+  drawn from `seed`)."""
+  programs = run.programs
+  fields = {k: jnp.asarray(batch[k]) for k in programs.cond_fields}
+  made = concat_lib.training_fields(programs.concat,
+                                {k: jnp.asarray(v) for k, v in batch.items()
+                                 if k in ("image", "low_res")}, jax.random.key(seed))
+  return {**fields, **made}
+
+
+def preview_images(run: LDMRun, fields: dict, size: int) -> np.ndarray | None:
+  """What a concat-conditioned sampler was given, as images (None without concat input)."""
+  shown = concat_lib.preview(run.programs.concat, fields, size)
+  return None if shown is None else np.asarray(jax.device_get(shown))
 
 
 def grid(images: np.ndarray, columns: int = 4) -> np.ndarray:
@@ -157,8 +192,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_step = ldm_step.jit_train_step(programs, run.mesh, shardings, local, fs_state)
   sampler = make_sampler(run)
   num_samples = int(config.sample.num)
-  sample_fields = {k: jnp.asarray(np.resize(local[k], (num_samples,) + local[k].shape[1:]))
-                   for k in programs.cond_fields}
+  sample_fields = sampler_fields(run, {k: np.resize(v, (num_samples,) + v.shape[1:])
+                                       for k, v in local.items()})
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   num_steps = int(config.train.num_steps)
@@ -185,8 +220,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last = scalars
         totals, count, t_log = None, 0, time.time()
       if step % int(config.sample.every) == 0 or step == num_steps:
-        images = sampler(state, sample_fields, fs_state, jax.random.key(step), num=num_samples)
-        image = grid(jax.device_get(images))
+        images = np.asarray(jax.device_get(sampler(state, sample_fields, fs_state,
+                                                   jax.random.key(step), num=num_samples)))
+        shown = preview_images(run, sample_fields, images.shape[1])
+        # With a concat input, its picture sits above each sample.
+        image = (grid(images) if shown is None else
+                 grid(np.concatenate([shown, images]), columns=num_samples))
         if jax.process_index() == 0:
           writer.write_images(step, {"samples": image[None]})
           save_grid(image, os.path.join(workdir, "images", f"samples_{step:07d}.png"))
