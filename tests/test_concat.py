@@ -111,20 +111,19 @@ def test_super_resolution_trains_samples_from_the_low_res_image_and_from_a_cache
                 num=1)
   assert big.shape == (1, 64, 64, 3)  # output size follows the input
 
-  # The cache keeps each crop's low-res image; training reads it from there.
+  # The cache keeps each crop's low-res image, and training takes it from the batch.
   cache = tmp_path / "cache"
   proc = subprocess.run(
       [sys.executable, "-m", "ldm_jax.cache_latents", "--config=configs/ldm_sr_vq4.py:tiny",
-       f"--config.first_stage.path={vq_weights}", f"--out={cache}", "--splits=train"],
+       f"--config.first_stage.path={vq_weights}", f"--out={cache}", "--splits=validation",
+       "--max_examples=2"],
       env=CPU, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   from ldm_jax.data import latents
-  record = next(latents.read_all(str(cache), "train"))
+  record = next(latents.read_all(str(cache), "validation"))
   assert record["low_res"].shape == (8, 8, 3) and record["mean"].shape == (8, 8, 3)
-  cached = _config("ldm_sr_vq4", vq_weights, num_steps=2)
-  cached.first_stage.cache_dir = str(cache)
-  assert np.isfinite(ldm_trainer.train_and_evaluate(cached, str(tmp_path / "cached"))[
-      "train/loss"])
+  given = concat.training_fields(run.programs.concat, {"low_res": low, "mean": None}, key)
+  assert given["low_res"] is low
 
 
 def test_hybrid_inpainting_trains_resumes_and_samples_from_the_command_line(
@@ -157,15 +156,21 @@ def test_hybrid_inpainting_trains_resumes_and_samples_from_the_command_line(
   mask[8:24, 8:24] = 255
   Image.fromarray(mask).save(tmp_path / "mask.png")
   Image.fromarray(mask[:16, :16]).save(tmp_path / "small_mask.png")
-  base = [sys.executable, "-m", "ldm_jax.sample", f"--workdir={tmp_path}", "--num=2",
-          "--steps=2", "--guidance=2", "--prompt=a cat", f"--image={tmp_path / 'photo.png'}"]
-  ok = subprocess.run(base + [f"--mask={tmp_path / 'mask.png'}", f"--out={tmp_path / 'o.png'}"],
-                      env=CPU, capture_output=True, text=True, timeout=300)
+  ok = subprocess.run(
+      [sys.executable, "-m", "ldm_jax.sample", f"--workdir={tmp_path}", "--num=2", "--steps=2",
+       "--guidance=2", "--prompt=a cat", f"--image={tmp_path / 'photo.png'}",
+       f"--mask={tmp_path / 'mask.png'}", f"--out={tmp_path / 'o.png'}"],
+      env=CPU, capture_output=True, text=True, timeout=300)
   assert ok.returncode == 0, ok.stderr[-3000:]
   assert Image.open(tmp_path / "o.png").size == (4 * 32, 32)
-  for extra, message in (([], "--mask"), ([f"--mask={tmp_path / 'small_mask.png'}"], "16x16")):
-    bad = subprocess.run(base + extra, env=CPU, capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
+  from absl import app
+  from ldm_jax.sample import concat_fields
+  photo_path = str(tmp_path / "photo.png")
+  fields = concat_fields(config, run.spec, 3, photo_path, str(tmp_path / "mask.png"))
+  assert fields["image"].shape == (3, 32, 32, 3) and fields["inpaint_mask"].sum() == 3 * 256
+  for mask_path, message in ((None, "--mask"), (str(tmp_path / "small_mask.png"), "16x16")):
+    with pytest.raises(app.UsageError, match=message):
+      concat_fields(config, run.spec, 1, photo_path, mask_path)
 
 
 def test_concat_config_errors(tmp_path, kl_weights, vq_weights):

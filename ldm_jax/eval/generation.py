@@ -19,7 +19,6 @@ on an LDM workdir (`evaluate_ldm_workdir`) both run `GenerationEvaluator`.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 from typing import Callable, Iterable
 
 import jax
@@ -144,7 +143,7 @@ def evaluate_ldm_workdir(workdir: str, config, step: int | None = None) -> dict:
   `workdir.apply_overrides`); writes the reports; returns them."""
   import tqdm
 
-  from ldm_jax.eval.workdir import num_images, publish
+  from ldm_jax.eval.workdir import make_report, num_images, publish
   from ldm_jax.train import checkpoint
   from ldm_jax.train.ldm_setup import abstract_state
 
@@ -171,17 +170,10 @@ def evaluate_ldm_workdir(workdir: str, config, step: int | None = None) -> dict:
     out = evaluator.evaluate(state, batches, progress=bar.update)
   metrics = out.metrics
   logging.info("step %d: %s", step, summary_line(metrics))
-  report = {
-      "step": step, "split": split, "num_examples": metrics["num_examples"],
-      "metrics": {k: v for k, v in metrics.items() if k != "num_examples"},
-      "weights": "ema" if state.ema is not None else "trained",
-      "sampler": sample.sampler, "steps": int(sample.steps), "eta": float(sample.eta),
-      "guidance": float(sample.guidance_scale),
-      "is_splits": is_splits(metrics["num_examples"]),
-      "seed": evaluator.seed, "batch_size": run.global_batch,
-      "inception_weights": config.eval.inception_weights,
-      "reference_stats": config.eval.reference_stats,
-      "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-  }
+  report = make_report(
+      step, split, metrics, state.ema is not None, config, sampler=sample.sampler,
+      steps=int(sample.steps), eta=float(sample.eta), guidance=float(sample.guidance_scale),
+      is_splits=is_splits(metrics["num_examples"]), seed=evaluator.seed,
+      batch_size=run.global_batch)
   publish(workdir, report)
   return report

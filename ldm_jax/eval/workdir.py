@@ -117,17 +117,22 @@ def evaluate_workdir(workdir: str, config, step: int | None = None) -> dict:
                              grid=False, progress=bar.update)
   metrics = out.metrics
   logging.info("step %d: %s", step, summary_line(metrics))
-  report = {
-      "step": step, "split": split, "num_examples": metrics["num_examples"],
-      "metrics": {k: v for k, v in metrics.items() if k != "num_examples"},
-      "weights": "ema" if state.ema is not None else "trained",
-      "inception_weights": config.eval.inception_weights,
-      "reference_stats": config.eval.reference_stats,
-      "lpips_weights": config.loss.lpips_weights,
-      "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-  }
+  report = make_report(step, split, metrics, state.ema is not None, config,
+                       lpips_weights=config.loss.lpips_weights)
   publish(workdir, report)
   return report
+
+
+def make_report(step: int, split: str, metrics: dict, has_ema: bool, config, **extra) -> dict:
+  """The JSON report of either stage: what was scored, with which weights and files."""
+  return {
+      "step": step, "split": split, "num_examples": metrics["num_examples"],
+      "metrics": {k: v for k, v in metrics.items() if k != "num_examples"},
+      "weights": "ema" if has_ema else "trained", **extra,
+      "inception_weights": config.eval.inception_weights,
+      "reference_stats": config.eval.reference_stats,
+      "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
 
 
 def publish(workdir: str, report: dict) -> None:
