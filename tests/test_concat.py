@@ -125,6 +125,19 @@ def test_super_resolution_trains_samples_from_the_low_res_image_and_from_a_cache
   given = concat.training_fields(run.programs.concat, {"low_res": low, "mean": None}, key)
   assert given["low_res"] is low
 
+  # The sampling command's input: any square size whose upscaled size the UNet can take.
+  from absl import app
+  from PIL import Image
+  from ldm_jax.sample import concat_fields
+  for side in (8, 5):
+    Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(tmp_path / f"low{side}.png")
+  assert concat_fields(config, run.spec, 2, str(tmp_path / "low8.png"), None)[
+      "low_res"].shape == (2, 8, 8, 3)
+  with pytest.raises(app.UsageError, match="multiple of 8"):
+    concat_fields(config, run.spec, 1, str(tmp_path / "low5.png"), None)
+  with pytest.raises(app.UsageError, match="--mask is for inpainting"):
+    concat_fields(config, run.spec, 1, str(tmp_path / "low8.png"), str(tmp_path / "low8.png"))
+
 
 def test_hybrid_inpainting_trains_resumes_and_samples_from_the_command_line(
     tmp_path, kl_weights):
