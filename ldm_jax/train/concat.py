@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 
 KINDS = ("none", "low_res", "inpaint")
-FIELDS = {"none": (), "low_res": ("low_res",), "inpaint": ("image", "inpaint_mask")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +46,6 @@ class ConcatSpec:
   def from_config(cls, cond) -> "ConcatSpec":
     return cls(str(cond.get("concat", "none")), int(cond.get("low_res_factor", 4)),
                float(cond.get("full_mask_prob", 0.25)))
-
-  @property
-  def fields(self) -> tuple[str, ...]:
-    return FIELDS[self.kind]
 
   def channels(self, latent_channels: int) -> int:
     return {"none": 0, "low_res": 3, "inpaint": 1 + latent_channels}[self.kind]
