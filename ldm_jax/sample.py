@@ -43,78 +43,6 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the newest.
 flags.mark_flags_as_required(["workdir"])
 
 
-def condition_fields(config, num: int, class_id: int | None, prompt: str | None) -> dict:
-  """The batch of condition fields the flags ask for, checked against the model's kind."""
-  import numpy as np
-  from ldm_jax.train.ldm_setup import tokenizer
-  kind = config.cond.kind
-  if kind == "class":
-    if class_id is None:
-      raise app.UsageError("this model is class-conditional: pass --class_id=N")
-    if not 0 <= class_id < config.cond.num_classes:
-      raise app.UsageError(f"--class_id must be in [0, {config.cond.num_classes})")
-    return {"label": np.full((num,), class_id, np.int32)}
-  if kind == "text":
-    if prompt is None:
-      raise app.UsageError("this model is text-conditional: pass --prompt=TEXT")
-    return {"tokens": np.repeat(tokenizer(config)([prompt]), num, axis=0)}
-  if class_id is not None or prompt is not None:
-    raise app.UsageError("this model is unconditional: drop --class_id / --prompt")
-  return {}
-
-
-def _read_image(path: str, mode: str):
-  import numpy as np
-  from PIL import Image
-  if not os.path.isfile(path):
-    raise app.UsageError(f"{path} not found")
-  try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert(mode), np.float32) / 255.0
-  except OSError as e:
-    raise app.UsageError(f"cannot read {path} as an image: {e}") from None
-
-
-def concat_fields(config, spec, num: int, image: str | None, mask: str | None) -> dict:
-  """The concat inputs the flags give (a low-res image, or an image and its mask), checked
-  against the model's `cond.concat` and sizes before anything compiles."""
-  import numpy as np
-  from ldm_jax.train.concat import ConcatSpec
-  from ldm_jax.train.ldm_setup import check_image_size
-  concat = ConcatSpec.from_config(config.cond)
-  if concat.kind == "none":
-    if image is not None or mask is not None:
-      raise app.UsageError("this model takes no image (cond.concat='none'): drop --image / "
-                           "--mask")
-    return {}
-  if image is None:
-    raise app.UsageError(f"this model is conditioned on an image (cond.concat="
-                         f"{concat.kind!r}): pass --image=PATH"
-                         + (" and --mask=PATH" if concat.kind == "inpaint" else ""))
-  pixels = _read_image(image, "RGB") * 2.0 - 1.0
-  if pixels.shape[0] != pixels.shape[1]:
-    raise app.UsageError(f"--image is {pixels.shape[1]}x{pixels.shape[0]}; the sampler makes "
-                         "square images: crop it square first")
-  repeat = lambda a: np.repeat(a[None], num, axis=0)
-  try:
-    if concat.kind == "low_res":
-      if mask is not None:
-        raise app.UsageError("--mask is for inpainting models; this one does super-resolution")
-      check_image_size(config, spec, pixels.shape[0] * concat.low_res_factor,
-                       f"--image's size x cond.low_res_factor {concat.low_res_factor}")
-      return {"low_res": repeat(pixels)}
-    check_image_size(config, spec, pixels.shape[0], "--image's size")
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  if mask is None:
-    raise app.UsageError("this model inpaints: pass --mask=PATH (white = repaint)")
-  region = (_read_image(mask, "L") > 0.5).astype(np.float32)[..., None]
-  if region.shape[:2] != pixels.shape[:2]:
-    raise app.UsageError(f"--mask is {region.shape[1]}x{region.shape[0]} but --image is "
-                         f"{pixels.shape[1]}x{pixels.shape[0]}")
-  return {"image": repeat(pixels), "inpaint_mask": repeat(region)}
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -129,6 +57,7 @@ def main(argv):
   from ldm_jax.train.images import save_grid
   from ldm_jax.train.ldm_setup import abstract_state, tokenizer
   from ldm_jax.train.ldm_trainer import build_run, grid, make_sampler
+  from ldm_jax.train.sample_inputs import concat_fields, condition_fields
 
   config_path = os.path.join(_WORKDIR.value, "config.json")
   if not os.path.exists(config_path):
@@ -141,9 +70,12 @@ def main(argv):
                     (_GUIDANCE, "guidance_scale")):
     if flag.value is not None:
       config.sample[key] = flag.value
-  fields = condition_fields(config, _NUM.value, _CLASS.value, _PROMPT.value)
-  run = build_run(config, _WORKDIR.value, check_training_data=False)
-  fields.update(concat_fields(config, run.spec, _NUM.value, _IMAGE.value, _MASK.value))
+  try:
+    fields = condition_fields(config, _NUM.value, _CLASS.value, _PROMPT.value)
+    run = build_run(config, _WORKDIR.value, check_training_data=False)
+    fields.update(concat_fields(config, run.spec, _NUM.value, _IMAGE.value, _MASK.value))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         abstract_state(config, run.spec, run.programs))

@@ -126,16 +126,15 @@ def test_super_resolution_trains_samples_from_the_low_res_image_and_from_a_cache
   assert given["low_res"] is low
 
   # The sampling command's input: any square size whose upscaled size the UNet can take.
-  from absl import app
   from PIL import Image
-  from ldm_jax.sample import concat_fields
+  from ldm_jax.train.sample_inputs import concat_fields
   for side in (8, 5):
     Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(tmp_path / f"low{side}.png")
   assert concat_fields(config, run.spec, 2, str(tmp_path / "low8.png"), None)[
       "low_res"].shape == (2, 8, 8, 3)
-  with pytest.raises(app.UsageError, match="multiple of 8"):
+  with pytest.raises(ValueError, match="multiple of 8"):
     concat_fields(config, run.spec, 1, str(tmp_path / "low5.png"), None)
-  with pytest.raises(app.UsageError, match="--mask is for inpainting"):
+  with pytest.raises(ValueError, match="--mask is for inpainting"):
     concat_fields(config, run.spec, 1, str(tmp_path / "low8.png"), str(tmp_path / "low8.png"))
 
 
@@ -176,13 +175,12 @@ def test_hybrid_inpainting_trains_resumes_and_samples_from_the_command_line(
       env=CPU, capture_output=True, text=True, timeout=300)
   assert ok.returncode == 0, ok.stderr[-3000:]
   assert Image.open(tmp_path / "o.png").size == (4 * 32, 32)
-  from absl import app
-  from ldm_jax.sample import concat_fields
+  from ldm_jax.train.sample_inputs import concat_fields
   photo_path = str(tmp_path / "photo.png")
   fields = concat_fields(config, run.spec, 3, photo_path, str(tmp_path / "mask.png"))
   assert fields["image"].shape == (3, 32, 32, 3) and fields["inpaint_mask"].sum() == 3 * 256
   for mask_path, message in ((None, "--mask"), (str(tmp_path / "small_mask.png"), "16x16")):
-    with pytest.raises(app.UsageError, match=message):
+    with pytest.raises(ValueError, match=message):
       concat_fields(config, run.spec, 1, photo_path, mask_path)
 
 

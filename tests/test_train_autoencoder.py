@@ -119,7 +119,7 @@ def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, uninterrupted):
 
 def test_export_command_writes_loadable_weights(tmp_path, uninterrupted):
   from ldm_jax.convert import load_autoencoder
-  from ldm_jax.export import export_workdir
+  from ldm_jax.train.export import export_workdir
   workdir = uninterrupted[2]
   out = tmp_path / "vae.safetensors"
   assert export_workdir(str(workdir), str(out), "compvis", step=STEPS - 2) == STEPS - 2

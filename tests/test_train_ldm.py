@@ -76,7 +76,7 @@ def test_text_ldm_trains_samples_and_resumes_with_the_same_scale(tmp_path, kl_we
   assert Image.open(out).size == (4 * 32, 32)  # one row of a 4-wide grid
   from ldm_jax.convert import load_autoencoder
   from ldm_jax.convert.unet import load_unet
-  from ldm_jax.export import export_ldm_workdir
+  from ldm_jax.train.export import export_ldm_workdir
   assert export_ldm_workdir(str(tmp_path), str(tmp_path / "ldm.safetensors"), "compvis") == 6
   unet = load_unet(tmp_path / "ldm.safetensors", spec=dict(config.unet))
   load_autoencoder(tmp_path / "ldm.safetensors")  # first_stage_model.* of the same file
