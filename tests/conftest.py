@@ -1,8 +1,26 @@
 """Shared test helpers: tiny autoencoder specs and NHWC <-> NCHW bridges to PyTorch."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache for the whole session, inherited by the commands tests start:
+# the tests train, resume, sample and evaluate the same tiny programs many times over, and
+# on a 2-core machine compiling them is most of the suite's time. Fresh per session, so a
+# test never leans on what an earlier session compiled.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="ldm_jax_test_xla_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+# Tests run tiny programs whose LLVM optimization takes far longer than running them (a
+# threefry init compiles in 1 s at the default level, 0.3 s here); the semantics are XLA's
+# either way.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_backend_optimization_level=0").strip()
 
 import jax
 import numpy as np
@@ -22,6 +40,16 @@ VQ_F4_SMALL = AutoencoderSpec(kind="vq", resolution=32, ch=32, ch_mult=(1, 2, 4)
                               num_res_blocks=2, z_channels=3, embed_dim=3, n_embed=64)
 
 
+def cpu_env(devices: int | None = None, **extra) -> dict:
+  """The environment for a command a test starts: this session's JAX settings (the shared
+  compilation cache, the XLA flags) plus `devices` simulated CPU devices."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+  if devices:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={devices}").strip()
+  return env
+
+
 def to_torch(x):
   import torch
   return torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous()
@@ -29,6 +57,28 @@ def to_torch(x):
 
 def from_torch(t):
   return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+def _saved_first_stage(tmp_path_factory, spec, name):
+  from flax import nnx
+
+  from ldm_jax.convert import save_autoencoder
+  from ldm_jax.models.autoencoder import build_autoencoder
+  path = tmp_path_factory.mktemp("first_stage") / f"{name}.safetensors"
+  save_autoencoder(build_autoencoder(spec, nnx.Rngs(0)), path, format="compvis")
+  return path
+
+
+@pytest.fixture(scope="session")
+def kl_weights(tmp_path_factory):
+  """A KL_F8_SMALL autoencoder in the CompVis layout, for LDM configs' first_stage.path."""
+  return _saved_first_stage(tmp_path_factory, KL_F8_SMALL, "kl")
+
+
+@pytest.fixture(scope="session")
+def vq_weights(tmp_path_factory):
+  """A VQ_F4_SMALL autoencoder in the CompVis layout."""
+  return _saved_first_stage(tmp_path_factory, VQ_F4_SMALL, "vq")
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
-"""Concat and hybrid conditioning: the inputs, their layout, training, sampling, caching."""
+"""Concat conditioning: the inputs, their layout, super-resolution training, sampling and
+caching (hybrid inpainting trains end to end in test_train_ldm)."""
 
-import os
 import subprocess
 import sys
 
@@ -10,22 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import KL_F8_SMALL, VQ_F4_SMALL
-from ldm_jax.convert import save_autoencoder
+from conftest import KL_F8_SMALL, cpu_env
 from ldm_jax.models.autoencoder import build_autoencoder
 from ldm_jax.train import concat, first_stage, ldm_step, ldm_trainer
 from ldm_jax.train.ldm_setup import build_model
-from ldm_jax.train.ldm_trainer import build_run, make_sampler, sampler_fields
-from test_train_ldm import _config, _saved_state, kl_weights  # noqa: F401 (a fixture)
-
-CPU = dict(os.environ, JAX_PLATFORMS="cpu")
-
-
-@pytest.fixture(scope="module")
-def vq_weights(tmp_path_factory):
-  path = tmp_path_factory.mktemp("ae") / "vq.safetensors"
-  save_autoencoder(build_autoencoder(VQ_F4_SMALL, nnx.Rngs(0)), path, format="compvis")
-  return path
+from ldm_jax.train.ldm_trainer import build_run, make_sampler
+from test_train_ldm import _config
 
 
 def test_random_masks_are_rectangles_inside_the_image_or_whole():
@@ -117,7 +107,7 @@ def test_super_resolution_trains_samples_from_the_low_res_image_and_from_a_cache
       [sys.executable, "-m", "ldm_jax.cache_latents", "--config=configs/ldm_sr_vq4.py:tiny",
        f"--config.first_stage.path={vq_weights}", f"--out={cache}", "--splits=validation",
        "--max_examples=2"],
-      env=CPU, capture_output=True, text=True, timeout=300)
+      env=cpu_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   from ldm_jax.data import latents
   record = next(latents.read_all(str(cache), "validation"))
@@ -136,52 +126,6 @@ def test_super_resolution_trains_samples_from_the_low_res_image_and_from_a_cache
     concat_fields(config, run.spec, 1, str(tmp_path / "low5.png"), None)
   with pytest.raises(ValueError, match="--mask is for inpainting"):
     concat_fields(config, run.spec, 1, str(tmp_path / "low8.png"), str(tmp_path / "low8.png"))
-
-
-def test_hybrid_inpainting_trains_resumes_and_samples_from_the_command_line(
-    tmp_path, kl_weights):
-  config = _config("ldm_inpaint_kl8", kl_weights, num_steps=2)
-  ldm_trainer.train_and_evaluate(config, str(tmp_path))
-  state, step = _saved_state(tmp_path)
-  assert step == 2
-  run = build_run(config, str(tmp_path))
-  assert run.spec.in_channels == 9 and run.programs.cond_fields == ("tokens",)
-  # Guidance drops the text, never the image: both sides see the same concat input.
-  model = ldm_step.eval_model(run.programs, state)
-  c = jnp.ones((1, 4, 4, 5))
-  tokens = {"tokens": jnp.zeros((1, 32), jnp.int32)}
-  assert model.encode_conditions(model.cond.null_fields(1), c)["concat"] is c
-  assert model.encode_conditions(tokens, c)["context"].shape == (1, 32, 64)
-
-  # The mask the trainer draws for its sample grid is the one sampler_fields makes.
-  batch = {"image": np.zeros((2, 32, 32, 3), np.float32),
-           "tokens": np.zeros((2, 32), np.int32)}
-  fields = sampler_fields(run, batch, seed=5)
-  assert set(fields) == {"tokens", "image", "inpaint_mask"}
-  np.testing.assert_array_equal(fields["inpaint_mask"], sampler_fields(run, batch, 5)[
-      "inpaint_mask"])
-
-  from PIL import Image
-  photo = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
-  Image.fromarray(photo).save(tmp_path / "photo.png")
-  mask = np.zeros((32, 32), np.uint8)
-  mask[8:24, 8:24] = 255
-  Image.fromarray(mask).save(tmp_path / "mask.png")
-  Image.fromarray(mask[:16, :16]).save(tmp_path / "small_mask.png")
-  ok = subprocess.run(
-      [sys.executable, "-m", "ldm_jax.sample", f"--workdir={tmp_path}", "--num=2", "--steps=2",
-       "--guidance=2", "--prompt=a cat", f"--image={tmp_path / 'photo.png'}",
-       f"--mask={tmp_path / 'mask.png'}", f"--out={tmp_path / 'o.png'}"],
-      env=CPU, capture_output=True, text=True, timeout=300)
-  assert ok.returncode == 0, ok.stderr[-3000:]
-  assert Image.open(tmp_path / "o.png").size == (4 * 32, 32)
-  from ldm_jax.train.sample_inputs import concat_fields
-  photo_path = str(tmp_path / "photo.png")
-  fields = concat_fields(config, run.spec, 3, photo_path, str(tmp_path / "mask.png"))
-  assert fields["image"].shape == (3, 32, 32, 3) and fields["inpaint_mask"].sum() == 3 * 256
-  for mask_path, message in ((None, "--mask"), (str(tmp_path / "small_mask.png"), "16x16")):
-    with pytest.raises(ValueError, match=message):
-      concat_fields(config, run.spec, 1, photo_path, mask_path)
 
 
 def test_concat_config_errors(tmp_path, kl_weights, vq_weights):

@@ -1,7 +1,6 @@
 """Schedules and samplers against diffusers' schedulers, on a toy model both sides share."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion.schedules import Schedule, beta_schedule, q_sample, target, to_eps_x0
+from conftest import cpu_env
 
 START, END, T = 0.00085, 0.012, 1000
 SCHEDULE = Schedule(beta_schedule("linear", T, START, END))
@@ -267,8 +267,7 @@ SHARDED = textwrap.dedent("""
 
 
 def test_samplers_keep_a_batch_sharded_over_a_mesh():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = cpu_env(devices=2)
   proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True,
                         text=True, timeout=300)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]

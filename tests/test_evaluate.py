@@ -2,7 +2,6 @@
 statistics, and the same numbers on 8 simulated devices as on one."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,19 +15,14 @@ from ldm_jax.convert.files import write_safetensors
 from ldm_jax.eval import fid
 from ldm_jax.eval.setup import eval_config
 from ldm_jax.models import inception
+from conftest import cpu_env
 
 flags.FLAGS.mark_as_parsed()  # grain reads absl flags
 
-CACHE = os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), "ldm_jax_test_xla_cache")
-
-
-def _env(**extra):
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=CACHE,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
 
 
 def _run(*args):
-  proc = subprocess.run([sys.executable, "-m", *args], env=_env(), capture_output=True,
+  proc = subprocess.run([sys.executable, "-m", *args], env=cpu_env(), capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
@@ -96,11 +90,11 @@ def test_evaluate_cli_errors(workdir, tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "ldm_jax.evaluate", f"--workdir={workdir}",
        f"--inception_weights={tmp_path / 'missing.safetensors'}"],
-      env=_env(), capture_output=True, text=True, timeout=300)
+      env=cpu_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert "ldm_jax.convert.inception_weights" in proc.stderr and "Traceback" not in proc.stderr
   proc = subprocess.run([sys.executable, "-m", "ldm_jax.evaluate", f"--workdir={tmp_path}"],
-                        env=_env(), capture_output=True, text=True, timeout=300)
+                        env=cpu_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and "training workdir" in proc.stderr
 
 
@@ -162,7 +156,7 @@ SHARDED = textwrap.dedent("""
 def test_sharded_evaluation_equals_one_device():
   proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,
                         timeout=600,
-                        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                        env=cpu_env(devices=8))
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
   out = json.loads(lines[-1][len("RESULT "):])

@@ -21,9 +21,10 @@ import pytest
 import scipy.linalg
 from absl import flags
 
+from conftest import cpu_env
+
 flags.FLAGS.mark_as_parsed()  # grain reads absl flags
 
-CACHE = os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), "ldm_jax_test_xla_cache")
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The evaluator's features and the hand-made ones come from two compiled Inception programs;
 # they agree to about 1e-8 relative in FID, SciPy's root against an eigendecomposition.
@@ -31,9 +32,8 @@ RTOL = 1e-6
 
 
 def _env():
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=CACHE,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", OPENBLAS_NUM_THREADS="1",
-              PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+  return cpu_env(OPENBLAS_NUM_THREADS="1",
+                 PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
 
 
 SCRIPT = textwrap.dedent("""

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import KL_F8_SMALL, VQ_F4_SMALL
+from conftest import KL_F8_SMALL, VQ_F4_SMALL, cpu_env
 from ldm_jax.data import builtin, latents
 from ldm_jax.data.conditions import ConditionSpec
 from ldm_jax.data.pipeline import eval_batches
@@ -46,7 +46,6 @@ def test_missing_cache_says_how_to_make_it(tmp_path):
 
 
 def test_cache_command(tmp_path):
-  import os
   import subprocess
   import sys
 
@@ -58,7 +57,7 @@ def test_cache_command(tmp_path):
       [sys.executable, "-m", "ldm_jax.cache_latents", "--config=configs/ldm_txt2img.py:tiny",
        f"--config.first_stage.path={weights}", f"--out={out}", "--splits=validation",
        "--max_examples=3"],
-      env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+      env=cpu_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = list(latents.read_all(str(out), "validation"))
   assert len(records) == 3 and records[0]["tokens"].shape == (32,)

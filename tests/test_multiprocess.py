@@ -8,18 +8,19 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "launch"))
 from local_multiprocess import launch  # noqa: E402
+from conftest import cpu_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "multiprocess_step.py")
 
 
 def test_two_processes_match_one(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = cpu_env()
   results = launch(2, [f"--out={tmp_path / 'two.npz'}"], devices_per_process=1,
                    program=(SCRIPT,), env=env, timeout=600)
   for r in results:
     assert r.returncode == 0, r.stdout[-3000:]
-  single_env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  single_env = cpu_env(devices=2)
   single = subprocess.run([sys.executable, SCRIPT, f"--out={tmp_path / 'one.npz'}"],
                           env=single_env, capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-3000:]

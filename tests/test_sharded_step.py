@@ -1,7 +1,6 @@
 """The train step on 8 simulated CPU devices with a (data, fsdp) mesh."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -9,6 +8,7 @@ import textwrap
 import pytest
 
 from ldm_jax.train import mesh as mesh_lib
+from conftest import cpu_env
 
 SCRIPT = textwrap.dedent("""
     import json, os
@@ -49,8 +49,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_train_step_on_8_devices_shards_and_learns(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = cpu_env(devices=8)
   proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                         text=True, timeout=600)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]

@@ -13,6 +13,7 @@ import pytest
 
 from ldm_jax.train import checkpoint
 from ldm_jax.train.autoencoder_setup import abstract_state, build_programs
+from conftest import cpu_env
 
 STEPS = 8
 
@@ -23,17 +24,10 @@ def _command(workdir, *overrides):
           "--config.train.eval_every=100", "--config.train.ckpt_every=2", *overrides]
 
 
-CACHE = os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), "ldm_jax_test_xla_cache")
-
-
-def _env():
-  # A persistent compilation cache: the runs below compile the same step again and again.
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=CACHE,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def _run(workdir, *overrides):
-  proc = subprocess.run(_command(workdir, *overrides), env=_env(), capture_output=True,
+  proc = subprocess.run(_command(workdir, *overrides), env=cpu_env(), capture_output=True,
                         text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc.stderr
@@ -70,7 +64,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def _start(workdir):
-  return subprocess.Popen(_command(workdir), env=_env(), stderr=subprocess.PIPE,
+  return subprocess.Popen(_command(workdir), env=cpu_env(), stderr=subprocess.PIPE,
                           stdout=subprocess.DEVNULL, text=True)
 
 
@@ -158,6 +152,6 @@ def test_bad_config_fails_before_compiling(tmp_path):
   with pytest.raises(ValueError, match="needs 3 devices"):
     build_run(config, str(tmp_path))
   # Unknown keys on the command line are refused by the flag parser itself.
-  proc = subprocess.run(_command(tmp_path / "bad", "--config.train.nmu_steps=3"), env=_env(),
+  proc = subprocess.run(_command(tmp_path / "bad", "--config.train.nmu_steps=3"), env=cpu_env(),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and "nmu_steps" in proc.stderr

@@ -1,8 +1,11 @@
-"""LDM training end to end on tiny models: samples, resume keeps scale_by_std, guidance."""
+"""LDM training end to end on tiny models: samples, resume keeps scale_by_std, guidance,
+the sampling command and the exports."""
 
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,12 +14,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import KL_F8_SMALL, VQ_F4_SMALL
-from ldm_jax.convert import save_autoencoder
-from ldm_jax.models.autoencoder import build_autoencoder
-from ldm_jax.train import checkpoint, ldm_trainer
+from conftest import cpu_env
+from ldm_jax.train import checkpoint, ldm_step, ldm_trainer
+from ldm_jax.train.export import export_ldm_workdir
 from ldm_jax.train.ldm_setup import abstract_state, build_programs
-from ldm_jax.train.ldm_trainer import build_run, make_sampler
+from ldm_jax.train.ldm_trainer import build_run, make_sampler, sampler_fields
+from ldm_jax.train.sample_inputs import concat_fields, condition_fields
 
 
 def _config(name, first_stage, **train):
@@ -29,13 +32,6 @@ def _config(name, first_stage, **train):
   return config
 
 
-@pytest.fixture(scope="module")
-def kl_weights(tmp_path_factory):
-  path = tmp_path_factory.mktemp("ae") / "kl.safetensors"
-  save_autoencoder(build_autoencoder(KL_F8_SMALL, nnx.Rngs(0)), path, format="compvis")
-  return path
-
-
 def _saved_state(workdir):
   with open(os.path.join(workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
@@ -46,58 +42,83 @@ def _saved_state(workdir):
   return checkpoint.restore_state_only(str(workdir), target)
 
 
-def test_text_ldm_trains_samples_and_resumes_with_the_same_scale(tmp_path, kl_weights):
-  config = _config("ldm_txt2img", kl_weights, num_steps=4)
+def test_text_inpainting_ldm_trains_resumes_samples_and_exports(tmp_path, kl_weights):
+  """One hybrid run (a caption through cross-attention, the masked image concatenated):
+  training, resume, guidance, the sampling command and both export layouts."""
+  config = _config("ldm_inpaint_kl8", kl_weights, num_steps=2)
   metrics = ldm_trainer.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(metrics["train/loss"])
-  assert sorted(os.listdir(tmp_path / "images")) == ["samples_0000002.png",
-                                                      "samples_0000004.png"]
+  assert sorted(os.listdir(tmp_path / "images")) == ["samples_0000002.png"]
   state, step = _saved_state(tmp_path)
-  assert step == 4
+  assert step == 2
   scale = float(state.scale_factor)
   assert scale > 0 and scale != 1.0  # set by scale_by_std from the first batch
 
-  resumed = _config("ldm_txt2img", kl_weights, num_steps=6)
+  resumed = _config("ldm_inpaint_kl8", kl_weights, num_steps=4)
   ldm_trainer.train_and_evaluate(resumed, str(tmp_path))
   state, step = _saved_state(tmp_path)
-  assert step == 6 and float(state.scale_factor) == scale  # kept, not recomputed
+  assert step == 4 and float(state.scale_factor) == scale  # kept, not recomputed
 
-  # The sampling command on the finished run.
-  import subprocess
-  import sys
-  out = tmp_path / "grid.png"
-  command = [sys.executable, "-m", "ldm_jax.sample", f"--workdir={tmp_path}", "--num=3",
-             "--batch=3", "--steps=3", "--sampler=plms", "--guidance=2", "--prompt=a cat",
-             f"--out={out}"]
-  proc = subprocess.run(command, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  run = build_run(config, str(tmp_path))
+  assert run.spec.in_channels == 9 and run.programs.cond_fields == ("tokens",)
+  # Guidance drops the text, never the image: both sides see the same concat input.
+  model = ldm_step.eval_model(run.programs, state)
+  c = jnp.ones((1, 4, 4, 5))
+  tokens = {"tokens": jnp.zeros((1, 32), jnp.int32)}
+  assert model.encode_conditions(model.cond.null_fields(1), c)["concat"] is c
+  assert model.encode_conditions(tokens, c)["context"].shape == (1, 32, 64)
+  # The mask the trainer draws for its sample grid is the one sampler_fields makes.
+  batch = {"image": np.zeros((2, 32, 32, 3), np.float32),
+           "tokens": np.zeros((2, 32), np.int32)}
+  fields = sampler_fields(run, batch, seed=5)
+  assert set(fields) == {"tokens", "image", "inpaint_mask"}
+  np.testing.assert_array_equal(fields["inpaint_mask"], sampler_fields(run, batch, 5)[
+      "inpaint_mask"])
+
+  # The sampling command on the finished run, with a photo and a mask.
   from PIL import Image
+  photo = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+  Image.fromarray(photo).save(tmp_path / "photo.png")
+  mask = np.zeros((32, 32), np.uint8)
+  mask[8:24, 8:24] = 255
+  Image.fromarray(mask).save(tmp_path / "mask.png")
+  Image.fromarray(mask[:16, :16]).save(tmp_path / "small_mask.png")
+  out = tmp_path / "grid.png"
+  proc = subprocess.run(
+      [sys.executable, "-m", "ldm_jax.sample", f"--workdir={tmp_path}", "--num=3", "--batch=3",
+       "--steps=3", "--sampler=plms", "--guidance=2", "--prompt=a cat",
+       f"--image={tmp_path / 'photo.png'}", f"--mask={tmp_path / 'mask.png'}", f"--out={out}"],
+      env=cpu_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   assert Image.open(out).size == (4 * 32, 32)  # one row of a 4-wide grid
+  # What the command checks before it compiles anything.
+  photo_path = str(tmp_path / "photo.png")
+  fields = concat_fields(config, run.spec, 3, photo_path, str(tmp_path / "mask.png"))
+  assert fields["image"].shape == (3, 32, 32, 3) and fields["inpaint_mask"].sum() == 3 * 256
+  for mask_path, message in ((None, "--mask"), (str(tmp_path / "small_mask.png"), "16x16")):
+    with pytest.raises(ValueError, match=message):
+      concat_fields(config, run.spec, 1, photo_path, mask_path)
+  with pytest.raises(ValueError, match="--prompt"):
+    condition_fields(config, 1, class_id=2, prompt=None)
+
+  # Both export layouts, read back by our loaders and by diffusers.
+  from diffusers import AutoencoderKL, UNet2DConditionModel
   from ldm_jax.convert import load_autoencoder
   from ldm_jax.convert.unet import load_unet
-  from ldm_jax.train.export import export_ldm_workdir
-  assert export_ldm_workdir(str(tmp_path), str(tmp_path / "ldm.safetensors"), "compvis") == 6
-  unet = load_unet(tmp_path / "ldm.safetensors", spec=dict(config.unet))
+  assert export_ldm_workdir(str(tmp_path), str(tmp_path / "ldm.safetensors"), "compvis") == 4
+  load_unet(tmp_path / "ldm.safetensors", spec=dict(config.unet))
   load_autoencoder(tmp_path / "ldm.safetensors")  # first_stage_model.* of the same file
   export_ldm_workdir(str(tmp_path), str(tmp_path / "ldm_diffusers"), "diffusers")
-  from diffusers import AutoencoderKL, UNet2DConditionModel
-  UNet2DConditionModel.from_pretrained(tmp_path / "ldm_diffusers" / "unet")
+  unet = UNet2DConditionModel.from_pretrained(tmp_path / "ldm_diffusers" / "unet")
+  assert unet.config.in_channels == 9
   vae = AutoencoderKL.from_pretrained(tmp_path / "ldm_diffusers" / "vae")
   assert abs(vae.config.scaling_factor - scale) < 1e-6
   assert (tmp_path / "ldm_diffusers" / "cond" / "model.safetensors").exists()
-  del unet
-  bad = subprocess.run(command[:-3] + ["--class_id=2"], env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                       capture_output=True, text=True, timeout=300)
-  assert bad.returncode != 0 and "--prompt" in bad.stderr
 
 
-def test_guidance_changes_class_conditional_samples(tmp_path):
-  weights = tmp_path / "vq.safetensors"
-  save_autoencoder(build_autoencoder(VQ_F4_SMALL, nnx.Rngs(0)), weights, format="compvis")
-  config = _config("ldm_cin256", weights)
+def test_guidance_changes_class_conditional_samples(tmp_path, vq_weights):
+  config = _config("ldm_cin256", vq_weights)
   run = build_run(config, str(tmp_path))
-  from ldm_jax.train import ldm_step
   from ldm_jax.train.ldm_setup import build_model
   model = build_model(config, run.spec, 0)
   # A fresh UNet predicts exactly zero (zero-initialized outputs, as in CompVis); perturbed

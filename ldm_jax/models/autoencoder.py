@@ -7,6 +7,7 @@ that converting weights is a matter of renaming leaves, see `ldm_jax.convert`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -360,6 +361,13 @@ def build_autoencoder(spec: AutoencoderSpec, rngs: nnx.Rngs | None = None):
   return (AutoencoderKL if spec.kind == "kl" else VQModel)(spec, rngs=rngs)
 
 
+@functools.lru_cache(maxsize=8)
+def _abstract_parts(spec: AutoencoderSpec):
+  return nnx.split(nnx.eval_shape(lambda: build_autoencoder(spec)))
+
+
 def abstract_autoencoder(spec: AutoencoderSpec):
-  """The model with shapes only, no memory: a target to load weights into."""
-  return nnx.eval_shape(lambda: build_autoencoder(spec))
+  """The model with shapes only, no memory: a target to load weights into. Tracing every
+  layer's init takes seconds, so it happens once per spec and process; each call gets
+  its own copy."""
+  return nnx.merge(*_abstract_parts(spec), copy=True)

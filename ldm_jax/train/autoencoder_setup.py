@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import jax
 import ml_collections
+from flax import nnx
 
 from ldm_jax.eval.setup import DEFAULTS as EVAL_DEFAULTS, eval_config
 from ldm_jax.losses.autoencoder import LossConfig
-from ldm_jax.models.autoencoder import AutoencoderSpec, build_autoencoder
+from ldm_jax.models.autoencoder import AutoencoderSpec, abstract_autoencoder
 from ldm_jax.train import autoencoder_step as step_lib
 from ldm_jax.train.optim import adam, learning_rate
 
@@ -63,8 +64,9 @@ def build_programs(config: ml_collections.ConfigDict, lpips_def=None):
 def abstract_state(config, spec, programs) -> step_lib.TrainState:
   """The train state's shapes and dtypes, without computing anything."""
   loss = programs.loss
-  return jax.eval_shape(lambda: step_lib.new_state(
-      build_autoencoder(spec), step_lib.build_discriminator(loss, spec.dtype, 0), programs,
-      bool(config.train.decoder_only), 0))
+  graphdef, model_state = nnx.split(abstract_autoencoder(spec))
+  return jax.eval_shape(lambda s: step_lib.new_state(
+      nnx.merge(graphdef, s), step_lib.build_discriminator(loss, spec.dtype, 0), programs,
+      bool(config.train.decoder_only), 0), model_state)
 
 

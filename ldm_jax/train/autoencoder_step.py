@@ -17,7 +17,7 @@ import optax
 from flax import nnx, struct
 
 from ldm_jax.losses.autoencoder import LossConfig, discriminator_loss, generator_loss
-from ldm_jax.models.autoencoder import AutoencoderSpec, build_autoencoder
+from ldm_jax.models.autoencoder import AutoencoderSpec, abstract_autoencoder
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.distributions import DiagonalGaussian
 from ldm_jax.train import mesh as mesh_lib
@@ -89,7 +89,7 @@ def new_state(model, disc, programs: Programs, decoder_only: bool, seed: int) ->
 
 def make_programs(spec: AutoencoderSpec, loss: LossConfig, tx, disc_tx, ema_decay: float,
                   decoder_only: bool, lpips_def=None) -> Programs:
-  model_def = split_model(nnx.eval_shape(lambda: build_autoencoder(spec)), decoder_only)[0]
+  model_def = split_model(abstract_autoencoder(spec), decoder_only)[0]
   disc_def = nnx.split(nnx.eval_shape(lambda: build_discriminator(loss, spec.dtype, 0)))[0]
   return Programs(model_def, disc_def, lpips_def, tx, disc_tx, loss, ema_decay)
 

@@ -6,6 +6,9 @@ same way.
 
 from __future__ import annotations
 
+import functools
+import json
+
 import ml_collections
 
 from ldm_jax.data.conditions import ConditionSpec
@@ -131,6 +134,24 @@ def build_model(config: ml_collections.ConfigDict, spec, seed: int):
                          logvar_init=float(config.diffusion.logvar_init), rngs=rngs)
 
 
+def abstract_model(config: ml_collections.ConfigDict, spec):
+  """The model of `build_model` with shapes only. Tracing every layer's init takes seconds
+  and a command needs it several times (programs, state, restore target), so it is traced
+  once per architecture and process; each call gets its own copy."""
+  from flax import nnx
+  parts = _abstract_model_parts(spec, config.cond.to_json(sort_keys=True),
+                                config.diffusion.to_json(sort_keys=True))
+  return nnx.merge(*parts, copy=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_model_parts(spec, cond_json: str, diffusion_json: str):
+  from flax import nnx
+  config = ml_collections.ConfigDict({"cond": json.loads(cond_json),
+                                      "diffusion": json.loads(diffusion_json)})
+  return nnx.split(nnx.eval_shape(lambda: build_model(config, spec, 0)))
+
+
 def build_programs(config: ml_collections.ConfigDict, first_stage_def):
   """(spec, programs): everything static the step needs."""
   from flax import nnx
@@ -140,8 +161,7 @@ def build_programs(config: ml_collections.ConfigDict, first_stage_def):
   from ldm_jax.train.ldm_step import LDMPrograms, adamw
   from ldm_jax.train.optim import learning_rate
   spec = check_config(config)
-  model_def = nnx.split(nnx.eval_shape(lambda: build_model(config, spec, 0)),
-                        nnx.Param, ...)[0]
+  model_def = nnx.split(abstract_model(config, spec), nnx.Param, ...)[0]
   lr = learning_rate(config.optim, int(config.data.batch_size))
   programs = LDMPrograms(
       model_def=model_def, first_stage_def=first_stage_def, tx=adamw(config.optim, lr),
@@ -154,7 +174,11 @@ def build_programs(config: ml_collections.ConfigDict, first_stage_def):
 
 
 def abstract_state(config, spec, programs):
+  """The training state's shapes and dtypes: the target a checkpoint restores into."""
   import jax
+  from flax import nnx
 
   from ldm_jax.train.ldm_step import new_state
-  return jax.eval_shape(lambda: new_state(build_model(config, spec, 0), programs, 1.0, 0))
+  graphdef, params, rest = nnx.split(abstract_model(config, spec), nnx.Param, ...)
+  return jax.eval_shape(lambda p, r: new_state(nnx.merge(graphdef, p, r), programs, 1.0, 0),
+                        params, rest)
