@@ -370,4 +370,8 @@ def abstract_autoencoder(spec: AutoencoderSpec):
   """The model with shapes only, no memory: a target to load weights into. Tracing every
   layer's init takes seconds, so it happens once per spec and process; each call gets
   its own copy."""
+  try:
+    hash(spec)
+  except TypeError:  # a field given as a list (a remap read from file): trace it afresh
+    return nnx.eval_shape(lambda: build_autoencoder(spec))
   return nnx.merge(*_abstract_parts(spec), copy=True)
