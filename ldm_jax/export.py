@@ -11,7 +11,6 @@ encoder together).
 
 from __future__ import annotations
 
-
 from absl import app, flags
 
 from ldm_jax.logs import console_logging
@@ -31,7 +30,7 @@ def main(argv):
   from ldm_jax.train.export import export_any_workdir
   try:
     export_any_workdir(_WORKDIR.value, _OUT.value, _FORMAT.value, _EMA.value, _STEP.value)
-  except ValueError as e:
+  except (ValueError, FileNotFoundError) as e:  # a wrong workdir, format or step
     raise app.UsageError(str(e)) from None
 
 

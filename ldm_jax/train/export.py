@@ -10,7 +10,6 @@ import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
@@ -18,6 +17,7 @@ from ldm_jax.convert.autoencoder import save_autoencoder
 from ldm_jax.convert.files import atomic_path, write_safetensors
 from ldm_jax.convert.torch_layout import export_state
 from ldm_jax.convert.unet import save_unet, to_compvis
+from ldm_jax.eval.workdir import is_ldm, load_run_config
 from ldm_jax.train import checkpoint, ldm_step
 from ldm_jax.train.first_stage import restore_autoencoder
 from ldm_jax.train.ldm_setup import abstract_state
@@ -27,7 +27,6 @@ from ldm_jax.train.ldm_trainer import build_run
 def export_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: bool = True,
                    step: int | None = None) -> int:
   """Writes the autoencoder of `workdir`'s checkpoint to `out`; returns the step exported."""
-
   model, restored_step, has_ema = restore_autoencoder(workdir, use_ema, step)
   save_autoencoder(model, out, format=fmt)
   logging.info("exported step %d (%s weights) to %s", restored_step,
@@ -42,9 +41,7 @@ def export_ldm_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: 
   model has one, cond/ (the condition encoder's tensors and its config; it has no
   diffusers class). compvis: one .safetensors in the LDM checkpoint layout
   (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*)."""
-
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = load_run_config(workdir)
   run = build_run(config, workdir, check_training_data=False)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -82,10 +79,5 @@ def export_ldm_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: 
 def export_any_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: bool = True,
                        step: int | None = None) -> int:
   """Exports an autoencoder or an LDM run, whichever `workdir` holds."""
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise ValueError(f"{config_path} not found: is {workdir} a training workdir?")
-  with open(config_path) as f:
-    stage = json.load(f).get("stage", "autoencoder")
-  export = export_ldm_workdir if stage == "ldm" else export_workdir
+  export = export_ldm_workdir if is_ldm(load_run_config(workdir)) else export_workdir
   return export(workdir, out, fmt, use_ema, step)

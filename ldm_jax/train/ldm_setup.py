@@ -146,6 +146,7 @@ def abstract_model(config: ml_collections.ConfigDict, spec):
 
 @functools.lru_cache(maxsize=8)
 def _abstract_model_parts(spec, cond_json: str, diffusion_json: str):
+  # The key is all build_model reads: keep it in step when build_model reads more.
   from flax import nnx
   config = ml_collections.ConfigDict({"cond": json.loads(cond_json),
                                       "diffusion": json.loads(diffusion_json)})
