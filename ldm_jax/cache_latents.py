@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
+from ldm_jax.cli import parse_flags
 from ldm_jax.logs import console_logging
 from ml_collections import config_flags
 
@@ -19,6 +20,9 @@ _SPLITS = flags.DEFINE_list("splits", None, "Splits to encode (default: the trai
                             "validation splits of the config).")
 _MAX = flags.DEFINE_integer("max_examples", None, "Encode at most this many per split.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Encoding batch (default: data.batch_size).")
+_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Write into --out even when it holds "
+                                  "files that are not a latent cache (same-named shards are "
+                                  "replaced, nothing else is touched).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -29,8 +33,13 @@ def main(argv):
   config = _CONFIG.value
   out = _OUT.value or config.first_stage.cache_dir
   if not out:
-    raise app.UsageError("say where to write the cache: --out=DIR")
+    raise SystemExit("error: say where to write the cache: --out=DIR")
   from ldm_jax.data import latents
+  from ldm_jax.outputs import OutputError
+  try:
+    latents.check_cache_dir(out, overwrite=_OVERWRITE.value)  # before anything is loaded
+  except OutputError as e:
+    raise SystemExit(f"error: {e}") from None
   from ldm_jax.data.sources import check_data
   from ldm_jax.train.first_stage import load_first_stage
   from ldm_jax.train import concat
@@ -50,9 +59,9 @@ def main(argv):
     count = latents.write_cache(model, config.data, split, out,
                                 batch_size=_BATCH.value or int(config.data.batch_size),
                                 conditions=conditions, max_examples=_MAX.value,
-                                derived=derived)
+                                derived=derived, overwrite=_OVERWRITE.value)
     logging.info("cached %d examples of split %r in %s", count, split, out)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)  # unknown --config.* keys: one clear line

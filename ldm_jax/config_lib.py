@@ -38,10 +38,11 @@ def autoencoder_config(*, kind: str, embed_dim: int, z_channels: int, ch_mult: t
   config.data = dict(source="builtin", path="", split="train", val_split="validation",
                      image_size=256, batch_size=batch_size, random_crop=True, random_flip=True,
                      num_workers=0, read_threads=8, seed=0, val_fraction=0.05, data_dir="",
-                     image_key="image")
+                     image_key="image", max_aspect_ratio=4.0, max_image_pixels=89_478_485)
   config.train = dict(num_steps=1_000_000, log_every=100, eval_every=5000, ckpt_every=5000,
                       keep_checkpoints=3, seed=0, decoder_only=False, init_from="",
-                      mesh=dict(data=-1, fsdp=1), export_format="diffusers")
+                      mesh=dict(data=-1, fsdp=1), export_format="diffusers",
+                      eval_examples=64, on_nonfinite="stop", max_nonfinite=100)
   config.eval = dict(inception_weights="", reference_stats="", num_examples=0)
   if arg == "demo":
     _shrink(config, ch=32, image_size=64, batch_size=8)
@@ -119,12 +120,14 @@ def ldm_config(*, first_stage: dict[str, Any], unet: dict[str, Any], diffusion: 
   config.data = dict(source="builtin", path="", split="train", val_split="validation",
                      image_size=image_size, batch_size=batch_size, random_crop=True,
                      random_flip=True, num_workers=0, read_threads=8, seed=0,
-                     val_fraction=0.05, data_dir="", image_key="image")
+                     val_fraction=0.05, data_dir="", image_key="image", max_aspect_ratio=4.0,
+                     max_image_pixels=89_478_485)  # decoding bounds: see data/sources.py
   config.sample = dict(sampler="ddim", steps=50, eta=0.0, guidance_scale=1.0, num=16,
                        every=5000)
   config.train = dict(num_steps=1_000_000, log_every=100, eval_every=5000, ckpt_every=5000,
                       keep_checkpoints=3, seed=0, mesh=dict(data=-1, fsdp=1),
-                      eval_examples=1000)  # FID / IS samples every eval_every; 0 = all
+                      eval_examples=1000,  # FID / IS samples every eval_every; 0 = all
+                      on_nonfinite="stop", max_nonfinite=100)  # see ldm_jax/train/guard.py
   config.eval = dict(inception_weights="", reference_stats="", num_examples=0)
   if arg in ("demo", "tiny"):
     _shrink_ldm(config, tiny=arg == "tiny")

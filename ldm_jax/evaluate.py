@@ -18,6 +18,7 @@ under `eval/`. The run's saved config.json is used; flags override its `eval` bl
   --num_examples=N --split=validation --batch_size=B
   --lpips_weights=lpips_vgg.safetensors           (first stage)
   --sampler=ddim --steps=50 --guidance=3          (LDM)
+  --first_stage=PATH                              (LDM: its first stage moved)
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from __future__ import annotations
 from absl import app, flags
 
 from ldm_jax.diffusion.samplers import SAMPLERS
-from ldm_jax.eval.workdir import (apply_overrides, evaluate_workdir, is_ldm, load_run_config,
-                                  markdown_table)
+from ldm_jax.eval.workdir import (apply_overrides, check_reports, evaluate_workdir, is_ldm,
+                                  load_run_config, markdown_table)
 from ldm_jax.logs import console_logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -47,6 +48,9 @@ _SAMPLER = flags.DEFINE_enum("sampler", None, list(SAMPLERS),
 _STEPS = flags.DEFINE_integer("steps", None, "LDM: sampler steps; default config.sample's.")
 _GUIDANCE = flags.DEFINE_float("guidance", None,
                                "LDM: classifier-free guidance scale; default config.sample's.")
+_FIRST_STAGE = flags.DEFINE_string("first_stage", None,
+                                   "LDM: the first stage's workdir or weights, when it moved "
+                                   "since training (replaces config.first_stage.path).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -55,13 +59,16 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console_logging()
   try:
+    saved = load_run_config(_WORKDIR.value, first_stage=_FIRST_STAGE.value)
     config = apply_overrides(
-        load_run_config(_WORKDIR.value), num_examples=_NUM_EXAMPLES.value,
-        split=_SPLIT.value, batch_size=_BATCH.value, inception_weights=_INCEPTION.value,
-        reference_stats=_REFERENCE.value, lpips_weights=_LPIPS.value,
-        sampler=_SAMPLER.value, steps=_STEPS.value, guidance=_GUIDANCE.value)
+        saved, num_examples=_NUM_EXAMPLES.value, split=_SPLIT.value, batch_size=_BATCH.value,
+        inception_weights=_INCEPTION.value, reference_stats=_REFERENCE.value,
+        lpips_weights=_LPIPS.value, sampler=_SAMPLER.value, steps=_STEPS.value,
+        guidance=_GUIDANCE.value)
     if is_ldm(config):
       from ldm_jax.eval.generation import evaluate_ldm_workdir
+      from ldm_jax.train.checkpoint import resolve_step
+      check_reports(_WORKDIR.value, resolve_step(_WORKDIR.value, _STEP.value))  # before work
       report = evaluate_ldm_workdir(_WORKDIR.value, config, _STEP.value)
     else:
       report = evaluate_workdir(_WORKDIR.value, config, _STEP.value)

@@ -7,6 +7,9 @@ checkpoint (or --step). An autoencoder run: diffusers gives a folder for
 `AutoencoderKL.from_pretrained`, compvis one .safetensors with CompVis keys. An LDM run:
 see `ldm_jax.train.export.export_ldm_workdir` (UNet, first stage and condition
 encoder together).
+
+A previous export at --out is replaced atomically; anything else there is refused unless
+--overwrite, and the workdir itself (or any folder holding a run) never is.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ _FORMAT = flags.DEFINE_enum("format", "diffusers", ["diffusers", "compvis"], "La
 _OUT = flags.DEFINE_string("out", None, "Output folder (diffusers) or .safetensors (compvis).")
 _EMA = flags.DEFINE_boolean("ema", True, "Export the EMA weights when the run has them.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the newest.")
+_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace --out even when it is not a "
+                                  "previous export (never a training workdir).")
+_FIRST_STAGE = flags.DEFINE_string("first_stage", None,
+                                   "LDM: the first stage's workdir or weights, when it moved "
+                                   "since training (replaces config.first_stage.path).")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -29,9 +37,10 @@ def main(argv):
   console_logging()
   from ldm_jax.train.export import export_any_workdir
   try:
-    export_any_workdir(_WORKDIR.value, _OUT.value, _FORMAT.value, _EMA.value, _STEP.value)
-  except (ValueError, FileNotFoundError) as e:  # a wrong workdir, format or step
-    raise app.UsageError(str(e)) from None
+    export_any_workdir(_WORKDIR.value, _OUT.value, _FORMAT.value, _EMA.value, _STEP.value,
+                       overwrite=_OVERWRITE.value, first_stage=_FIRST_STAGE.value)
+  except (ValueError, FileNotFoundError) as e:  # a wrong workdir, target, format or step
+    raise SystemExit(f"error: {e}") from None  # not app.UsageError: it prints all the help
 
 
 if __name__ == "__main__":

@@ -26,3 +26,8 @@ def console_logging() -> None:
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
     handler.addFilter(_QuietLibraries())
+
+
+def line_notes(*notes: str) -> str:
+  """Notes to append to a console line (" | a | b"), the empty ones left out."""
+  return "".join(f" | {note}" for note in notes if note)

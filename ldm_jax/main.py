@@ -12,6 +12,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ldm_jax.cli import parse_flags
 from ldm_jax.logs import console_logging
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -55,8 +56,14 @@ def main(argv):
     from ldm_jax.train.ldm_trainer import train_and_evaluate
   else:
     from ldm_jax.train.autoencoder_trainer import train_and_evaluate
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  from ldm_jax.outputs import OutputError
+  from ldm_jax.train.guard import NonFiniteError
+  from ldm_jax.train.resume import WorkdirMismatch
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (NonFiniteError, WorkdirMismatch, OutputError) as e:  # each says what to do
+    raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)  # unknown --config.* keys: one clear line

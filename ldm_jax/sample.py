@@ -8,14 +8,13 @@ output is cond.low_res_factor times its size), `--image=photo.png --mask=mask.pn
 inpainting (white in the mask = repaint; the output has the photo's size).
 
 Uses the EMA weights of the newest checkpoint (or --step), the first stage named in the
-run's config, and its latent scale. Each batch is one compiled sampling loop; the bar
-counts batches.
+run's config (or --first_stage, when it moved), and its latent scale. Each batch is one
+compiled sampling loop; the bar counts batches. Everything the flags name is checked
+before anything is built; an existing --out is replaced only when it is an ldm_jax grid
+(or with --overwrite).
 """
 
 from __future__ import annotations
-
-import json
-import os
 
 from absl import app, flags, logging
 
@@ -23,9 +22,12 @@ from ldm_jax.logs import console_logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The LDM training run's workdir.")
 _OUT = flags.DEFINE_string("out", "samples.png", "Where to write the grid (PNG).")
-_NUM = flags.DEFINE_integer("num", 16, "How many images.")
-_BATCH = flags.DEFINE_integer("batch", 16, "Images per compiled sampling call.")
-_STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: the config's).")
+_OVERWRITE = flags.DEFINE_boolean("overwrite", False,
+                                  "Replace --out even when ldm_jax did not write it.")
+_NUM = flags.DEFINE_integer("num", 16, "How many images.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch", 16, "Images per compiled sampling call.", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: the config's).",
+                              lower_bound=1)
 _SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "plms", "dpmpp_2m", "ddpm"],
                              "Sampler (default: the config's).")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: the config's).")
@@ -40,6 +42,9 @@ _MASK = flags.DEFINE_string("mask", None, "Inpainting: a mask of the image's siz
                             "where the model repaints.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the newest.")
+_FIRST_STAGE = flags.DEFINE_string("first_stage", None,
+                                   "The first stage's workdir or weights, when it moved "
+                                   "since training (replaces config.first_stage.path).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -47,43 +52,51 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console_logging()
+  from ldm_jax.eval.workdir import is_ldm, load_run_config
+  from ldm_jax.train import checkpoint
+  from ldm_jax.train.images import check_grid_path
+
+  workdir = _WORKDIR.value
+  try:  # everything the flags name, before anything is built
+    config = load_run_config(workdir, first_stage=_FIRST_STAGE.value)
+    if not is_ldm(config):
+      raise ValueError(f"{workdir} holds an autoencoder run, not an LDM")
+    out = check_grid_path(_OUT.value, overwrite=_OVERWRITE.value)
+    step = checkpoint.resolve_step(workdir, _STEP.value)
+    if _NEGATIVE.value is not None and config.cond.kind != "text":
+      raise ValueError("--negative_prompt needs a text-conditional model")
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}") from None
+  if _GUIDANCE.value is not None and _GUIDANCE.value < 0:
+    logging.warning("--guidance=%g is negative: samples are pushed away from the condition "
+                    "(1 = no guidance, above 1 follows it more closely)", _GUIDANCE.value)
+
   import jax
   import jax.numpy as jnp
-  import ml_collections
   import numpy as np
   import tqdm
 
-  from ldm_jax.train import checkpoint
   from ldm_jax.train.images import save_grid
   from ldm_jax.train.ldm_setup import abstract_state, tokenizer
   from ldm_jax.train.ldm_trainer import build_run, grid, make_sampler
   from ldm_jax.train.sample_inputs import concat_fields, condition_fields
 
-  config_path = os.path.join(_WORKDIR.value, "config.json")
-  if not os.path.exists(config_path):
-    raise app.UsageError(f"{config_path} not found: is {_WORKDIR.value} an LDM workdir?")
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if config.get("stage") != "ldm":
-    raise app.UsageError(f"{_WORKDIR.value} holds an autoencoder run, not an LDM")
   for flag, key in ((_STEPS, "steps"), (_SAMPLER, "sampler"), (_ETA, "eta"),
                     (_GUIDANCE, "guidance_scale")):
     if flag.value is not None:
       config.sample[key] = flag.value
   try:
     fields = condition_fields(config, _NUM.value, _CLASS.value, _PROMPT.value)
-    run = build_run(config, _WORKDIR.value, check_training_data=False)
+    run = build_run(config, workdir, check_training_data=False)
     fields.update(concat_fields(config, run.spec, _NUM.value, _IMAGE.value, _MASK.value))
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}") from None
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         abstract_state(config, run.spec, run.programs))
-  state, step = checkpoint.restore_state_only(_WORKDIR.value, target, _STEP.value)
+  state, step = checkpoint.restore_state_only(workdir, target, step)
   negative = None
   if _NEGATIVE.value is not None:
-    if config.cond.kind != "text":
-      raise app.UsageError("--negative_prompt needs a text-conditional model")
     negative = {"tokens": np.repeat(tokenizer(config)([_NEGATIVE.value]), _NUM.value, 0)}
   sampler = make_sampler(run)
   logging.info("sampling %d images from step %d: %s, %d steps, guidance %.2f", _NUM.value,
@@ -98,7 +111,7 @@ def main(argv):
     key = jax.random.fold_in(jax.random.key(_SEED.value), i)
     images.append(np.asarray(sampler(state, chunk, run.first_stage_state, key, num=count,
                                      negative=neg)))
-  save_grid(grid(np.concatenate(images)), os.path.abspath(_OUT.value))
+  save_grid(grid(np.concatenate(images)), out, overwrite=_OVERWRITE.value)
   logging.info("wrote %s", _OUT.value)
 
 

@@ -1,10 +1,13 @@
 """The training command end to end: resume after SIGTERM or SIGKILL, bit for bit."""
 
+import importlib.util
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import ml_collections
@@ -24,6 +27,13 @@ def _command(workdir, *overrides):
           "--config.train.eval_every=100", "--config.train.ckpt_every=2", *overrides]
 
 
+
+
+def _load_config(name, arg):
+  spec = importlib.util.spec_from_file_location(name, f"configs/{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def _run(workdir, *overrides):
@@ -155,3 +165,73 @@ def test_bad_config_fails_before_compiling(tmp_path):
   proc = subprocess.run(_command(tmp_path / "bad", "--config.train.nmu_steps=3"), env=cpu_env(),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and "nmu_steps" in proc.stderr
+
+
+def _files(folder):
+  return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
+          if p.is_file()}
+
+
+def test_nonfinite_loss_stops_before_saving_or_exporting(tmp_path, uninterrupted):
+  """A learning rate that blows the weights up: the run stops with the step and the metric
+  named, the checkpoints of the good steps stay restorable and finite, none is pruned in
+  favour of a bad one, and the export is left as it was."""
+  import shutil
+  workdir = tmp_path / "run"
+  shutil.copytree(uninterrupted[2], workdir)
+  export_before = _files(workdir / "export")
+  steps_before = checkpoint.saved_steps(workdir)
+  assert steps_before == [4, 6, 8]
+  proc = subprocess.run(_command(workdir, "--config.optim.base_learning_rate=1e30",
+                                 f"--config.train.num_steps={STEPS + 4}"),
+                        env=cpu_env(), capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "error: training stopped: non-finite" in proc.stderr
+  assert "first at step 10" in proc.stderr  # step 9 blew the weights up, 10 reads NaN
+  assert "newest checkpoint (step 8)" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert checkpoint.saved_steps(workdir) == steps_before
+  step, state = _final_state(workdir)
+  assert step == STEPS
+  _assert_same(state, uninterrupted[0])  # bit for bit the good run's state
+  assert all(np.isfinite(v).all() for v in state.values() if v.dtype.kind == "f")
+  assert _files(workdir / "export") == export_before
+
+
+def test_resume_refuses_another_architecture_and_stage(tmp_path, uninterrupted, kl_weights):
+  """Checked before anything is written: config.json, checkpoints and the export stay."""
+  import shutil
+
+  from ldm_jax.train import autoencoder_trainer, ldm_trainer
+  from ldm_jax.train.resume import WorkdirMismatch
+  workdir = tmp_path / "run"
+  shutil.copytree(uninterrupted[2], workdir)
+  before = _files(workdir)
+  config = _load_config("kl_f8", "tiny")
+  config.train.num_steps = STEPS
+  config.model.ch = 64
+  config.loss.disc_weight = 0.25
+  changed = r"Changed:\n  loss.disc_weight: 0.5 -> 0.25\n  model.ch: 32 -> 64\n"
+  with pytest.raises(WorkdirMismatch, match=changed):
+    autoencoder_trainer.train_and_evaluate(config, str(workdir))
+  ldm = _load_config("ldm_txt2img", "tiny")
+  ldm.first_stage.path = str(kl_weights)
+  with pytest.raises(WorkdirMismatch, match="holds an autoencoder .* trains an LDM"):
+    ldm_trainer.train_and_evaluate(ldm, str(workdir))
+  assert _files(workdir) == before
+
+  # Harmless changes resume; a changed learning rate is taken, with a warning; the saved
+  # config.json is replaced only now, its predecessor kept.
+  config = _load_config("kl_f8", "tiny")
+  config.train.update(num_steps=STEPS, eval_every=100, ckpt_every=2, log_every=4)
+  config.optim.base_learning_rate = 5e-4
+  from ldm_jax.train import resume
+  changes = resume.diff(json.loads((workdir / "config.json").read_text()),
+                        resume.as_json(resume.absolute_paths(config)))
+  assert changes["refused"] == [] and changes["harmless"] == ["train.log_every: 1 -> 4"]
+  assert changes["warned"] == ["optim.base_learning_rate: 0.001 -> 0.0005"]
+  autoencoder_trainer.train_and_evaluate(config, str(workdir))  # at num_steps: no work
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["optim"]["base_learning_rate"] == 5e-4
+  assert json.loads((workdir / "config.previous.json").read_text()) == json.loads(
+      before[Path("config.json")])

@@ -17,6 +17,7 @@ from flax import nnx
 from conftest import cpu_env
 from ldm_jax.train import checkpoint, ldm_step, ldm_trainer
 from ldm_jax.train.export import export_ldm_workdir
+from ldm_jax.train.guard import NonFiniteError
 from ldm_jax.train.ldm_setup import abstract_state, build_programs
 from ldm_jax.train.ldm_trainer import build_run, make_sampler, sampler_fields
 from ldm_jax.train.sample_inputs import concat_fields, condition_fields
@@ -27,7 +28,9 @@ def _config(name, first_stage, **train):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("tiny")
-  config.first_stage.path = str(first_stage)
+  # Relative, as a user types it: the run stores it absolute, so the workdir works from
+  # any current directory.
+  config.first_stage.path = os.path.relpath(first_stage)
   config.train.update(train)
   return config
 
@@ -58,6 +61,20 @@ def test_text_inpainting_ldm_trains_resumes_samples_and_exports(tmp_path, kl_wei
   ldm_trainer.train_and_evaluate(resumed, str(tmp_path))
   state, step = _saved_state(tmp_path)
   assert step == 4 and float(state.scale_factor) == scale  # kept, not recomputed
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["first_stage"]["path"] == str(kl_weights)
+
+  # Weights that blow up: the run stops at the first non-finite loss, and nothing after
+  # step 4 is saved.
+  blown = _config("ldm_inpaint_kl8", kl_weights, num_steps=8)
+  blown.optim.base_learning_rate = 1e30
+  with pytest.raises(NonFiniteError, match=r"non-finite loss .*newest checkpoint \(step 4\)"):
+    ldm_trainer.train_and_evaluate(blown, str(tmp_path))
+  assert checkpoint.saved_steps(tmp_path) == [2, 4]
+  kept, step = _saved_state(tmp_path)
+  assert step == 4
+  for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
 
   run = build_run(config, str(tmp_path))
   assert run.spec.in_channels == 9 and run.programs.cond_fields == ("tokens",)
@@ -84,11 +101,13 @@ def test_text_inpainting_ldm_trains_resumes_samples_and_exports(tmp_path, kl_wei
   Image.fromarray(mask).save(tmp_path / "mask.png")
   Image.fromarray(mask[:16, :16]).save(tmp_path / "small_mask.png")
   out = tmp_path / "grid.png"
+  elsewhere = tmp_path / "elsewhere"  # not where the run was trained from
+  elsewhere.mkdir()
   proc = subprocess.run(
       [sys.executable, "-m", "ldm_jax.sample", f"--workdir={tmp_path}", "--num=3", "--batch=3",
        "--steps=3", "--sampler=plms", "--guidance=2", "--prompt=a cat",
        f"--image={tmp_path / 'photo.png'}", f"--mask={tmp_path / 'mask.png'}", f"--out={out}"],
-      env=cpu_env(), capture_output=True, text=True, timeout=300)
+      env=cpu_env(), capture_output=True, text=True, timeout=300, cwd=elsewhere)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert Image.open(out).size == (4 * 32, 32)  # one row of a 4-wide grid
   # What the command checks before it compiles anything.
@@ -154,4 +173,15 @@ def test_bad_ldm_configs(tmp_path, kl_weights):
   config = _config("ldm_txt2img", kl_weights)
   config.first_stage.path = ""
   with pytest.raises(ValueError, match="first_stage.path"):
+    build_run(config, str(tmp_path))
+  config = _config("ldm_txt2img", kl_weights)
+  config.optim.accumulate_grad_batches = 2  # would only have scaled the learning rate
+  with pytest.raises(ValueError, match="does not accumulate"):
+    build_programs(config, None)
+  config = _config("ldm_txt2img", kl_weights)
+  config.train.on_nonfinite = "ignore"
+  with pytest.raises(ValueError, match="on_nonfinite"):
+    build_programs(config, None)
+  config = _config("ldm_txt2img", tmp_path / "moved_away.safetensors")
+  with pytest.raises(FileNotFoundError, match="--first_stage=PATH"):
     build_run(config, str(tmp_path))

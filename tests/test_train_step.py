@@ -109,3 +109,48 @@ def test_actnorm_initialization_survives_the_step():
     # values rather than the zeros/ones it started from.
     assert np.abs(init_params[key]).max() > 10 * lr, key
     np.testing.assert_allclose(trained[key], init_params[key], atol=1.01 * lr, err_msg=key)
+
+
+def test_nonfinite_update_is_dropped_and_reported():
+  """A NaN batch: the whole update is dropped (both players, BatchNorm statistics, EMA),
+  the step counter moves on, and the report names the values; the host guard stops or
+  skips by policy."""
+  from ldm_jax.train import guard
+  config, programs, state = _setup(optim__ema_decay=0.9)
+  step = jax.jit(step_lib.make_train_step(programs))
+  images = _images(1)
+  bad = images.at[0, 0, 0, 0, 0].set(jnp.nan)
+  new, metrics = step(state, {"image": bad}, None)
+  report = jax.device_get(metrics["guard"])
+  assert int(new.step) == 1 and int(report["skipped"]) == 1 and int(report["first_step"]) == 1
+  flagged = [n for b, n in enumerate(step_lib.GUARDED) if int(report["which"]) >> b & 1]
+  assert "total_loss" in flagged and "grad_norm" in flagged
+  before, after = _flat(state.replace(step=new.step)), _flat(new)
+  for key in before:
+    np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+  good, metrics = step(new, {"image": images}, None)
+  assert int(jax.device_get(metrics["guard"])["skipped"]) == 0
+  assert not np.array_equal(_flat(good.params)[next(iter(_flat(good.params)))],
+                            _flat(new.params)[next(iter(_flat(new.params)))])
+
+  # Host side: reports add up on device and are read only at check().
+  skipped = {"skipped": jnp.int32(1), "which": jnp.int32(0b101), "first_step": jnp.int32(7)}
+  fine = {"skipped": jnp.int32(0), "which": jnp.int32(0), "first_step": jnp.int32(2**31 - 1)}
+  stop = guard.NonFiniteGuard(step_lib.GUARDED)
+  stop.add(fine)
+  stop.check(6, last_good=4)  # nothing to report
+  stop.add(skipped)
+  stop.add(fine)
+  with pytest.raises(guard.NonFiniteError,
+                     match=r"non-finite total_loss and grad_norm first at step 7 .*step 8.*"
+                           r"newest checkpoint \(step 4\)"):
+    stop.check(8, last_good=4)
+  skip = guard.NonFiniteGuard(step_lib.GUARDED, "skip", limit=2)
+  for _ in range(2):
+    skip.add(skipped)
+    skip.check(8, last_good=4)  # within the limit: logged, training goes on
+  skip.add(skipped)
+  with pytest.raises(guard.NonFiniteError, match="max_nonfinite=2"):
+    skip.check(9, last_good=4)
+  with pytest.raises(ValueError, match="on_nonfinite"):
+    _setup(train__on_nonfinite="ignore")

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ldm_jax import outputs
 from ldm_jax.convert import keymaps
 from ldm_jax.convert.files import (DIFFUSERS_WEIGHTS, WeightFileError, read_safetensors_metadata,
                                    read_tensors, strip_nesting, write_diffusers_folder,
@@ -141,24 +142,30 @@ def _describe_weights(weights: AutoencoderWeights) -> str:
 
 
 def save_autoencoder(model, path: str | os.PathLike, format: str = "diffusers",
-                     scaling_factor: float = _DIFFUSERS_DEFAULT_SCALING) -> None:
+                     scaling_factor: float = _DIFFUSERS_DEFAULT_SCALING, *,
+                     overwrite: bool = False) -> None:
   """Writes `model` for PyTorch users, atomically.
 
   format="compvis": one .safetensors file with CompVis keys (ldm_jax's spec in its
   metadata). format="diffusers": a folder loadable with `AutoencoderKL.from_pretrained`
-  (or `VQModel.from_pretrained`); `scaling_factor` goes into its config.json.
+  (or `VQModel.from_pretrained`); `scaling_factor` goes into its config.json. A previous
+  autoencoder export at `path` is replaced; anything else there is refused unless
+  `overwrite` (see ldm_jax.outputs).
   """
   spec: AutoencoderSpec = model.spec
+  if format not in ("compvis", "diffusers"):
+    raise ValueError(f"format must be 'diffusers' or 'compvis', got {format!r}")
+  if format == "compvis" and Path(path).suffix != ".safetensors":
+    raise ValueError(f"a CompVis export is one .safetensors file; got {path}")
+  outputs.check_target(path, outputs.AUTOENCODER, overwrite=overwrite)  # before the work
   tensors = export_state(model)
   if format == "compvis":
-    if Path(path).suffix != ".safetensors":
-      raise ValueError(f"a CompVis export is one .safetensors file; got {path}")
-    write_safetensors(tensors, path, {SPEC_METADATA_KEY: json.dumps(_spec_json(spec))})
-  elif format == "diffusers":
-    config = diffusers_config(spec, scaling_factor)
-    write_diffusers_folder(keymaps.compvis_to_diffusers(tensors), config, path)
+    write_safetensors(tensors, path, {SPEC_METADATA_KEY: json.dumps(_spec_json(spec))},
+                      kind=outputs.AUTOENCODER, overwrite=overwrite)
   else:
-    raise ValueError(f"format must be 'diffusers' or 'compvis', got {format!r}")
+    config = diffusers_config(spec, scaling_factor)
+    write_diffusers_folder(keymaps.compvis_to_diffusers(tensors), config, path,
+                           kind=outputs.AUTOENCODER, overwrite=overwrite)
 
 
 def _spec_json(spec: AutoencoderSpec) -> dict:

@@ -1,21 +1,20 @@
 """Reading and writing PyTorch weight files safely.
 
 safetensors is the exchange format. A pickled `.ckpt`/`.pt`/`.pth`/`.bin` is read only with
-`torch.load(weights_only=True)`, never unpickled blindly. Writes are atomic: a file or
-folder appears complete under its final name, or not at all.
+`torch.load(weights_only=True)`, never unpickled blindly. Writes go through
+`ldm_jax.outputs`: atomic (a file or folder appears complete under its final name, or not
+at all), marked as ldm_jax's, and never over something ldm_jax did not write.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
+
+from ldm_jax import outputs
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -100,38 +99,22 @@ def strip_nesting(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.n
   return nested or tensors
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-  """Yields a temporary sibling of `path`; on success it replaces `path` in one rename."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
-  try:
-    yield tmp
-    if path.is_dir() and not path.is_symlink():
-      old = path.with_name(f".{path.name}.old")
-      shutil.rmtree(old, ignore_errors=True)
-      os.replace(path, old)
-      os.replace(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, path)
-  finally:
-    shutil.rmtree(tmp.parent, ignore_errors=True)
-
-
 def write_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike,
-                      metadata: dict[str, str] | None = None) -> None:
+                      metadata: dict[str, str] | None = None, *, kind: str = outputs.WEIGHTS,
+                      overwrite: bool = False) -> None:
+  """One .safetensors file marked as a `kind` output (see ldm_jax.outputs)."""
   from safetensors.numpy import save_file
-  with atomic_path(path) as tmp:
+  with outputs.atomic_path(path, kind, overwrite=overwrite) as tmp:
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-              metadata={"format": "pt", **(metadata or {})})
+              metadata={"format": "pt", **(metadata or {}), **outputs.safetensors_metadata(kind)})
 
 
 def write_diffusers_folder(tensors: dict[str, np.ndarray], config: dict,
-                           path: str | os.PathLike) -> None:
+                           path: str | os.PathLike, *, kind: str,
+                           overwrite: bool = False) -> None:
+  """A folder for diffusers' `from_pretrained`: config.json and the weights."""
   from safetensors.numpy import save_file
-  with atomic_path(path) as tmp:
+  with outputs.atomic_path(path, kind, overwrite=overwrite) as tmp:
     tmp.mkdir()
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
               str(tmp / DIFFUSERS_WEIGHTS), metadata={"format": "pt"})

@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 
+from ldm_jax import outputs
 from ldm_jax.convert.files import WeightFileError, read_tensors, write_safetensors
 from ldm_jax.convert.torch_layout import StateMismatchError
 
@@ -38,10 +39,13 @@ def select(tensors: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]
   return kept
 
 
-def convert(src: str, out: str) -> dict[str, np.ndarray]:
-  """Reads `src` (.pth or .safetensors), checks it, writes `out` atomically."""
+def convert(src: str, out: str, *, overwrite: bool = False) -> dict[str, np.ndarray]:
+  """Reads `src` (.pth or .safetensors), checks it, writes `out` atomically. A file at
+  `out` that ldm_jax did not write as weights is refused unless `overwrite`."""
+  outputs.check_target(out, outputs.WEIGHTS, overwrite=overwrite)
   tensors = select(read_tensors(src), src)
-  write_safetensors(tensors, out, metadata={"source": "FID InceptionV3 (TF 2015-12-05)"})
+  write_safetensors(tensors, out, metadata={"source": "FID InceptionV3 (TF 2015-12-05)"},
+                    overwrite=overwrite)
   return tensors
 
 
@@ -52,12 +56,14 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--src", required=True,
                       help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid / torch-fidelity)")
   parser.add_argument("--out", required=True, help="output .safetensors path")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace --out even if ldm_jax did not write it")
   args = parser.parse_args(argv)
   if not args.out.endswith(".safetensors"):
     parser.exit(1, f"error: --out must end in .safetensors, got {args.out!r}\n")
   try:
-    tensors = convert(args.src, args.out)
-  except (WeightFileError, StateMismatchError, OSError) as e:  # a user's input problem
+    tensors = convert(args.src, args.out, overwrite=args.overwrite)
+  except (WeightFileError, StateMismatchError, outputs.OutputError, OSError) as e:  # input
     parser.exit(1, f"error: {e}\n")
   print(f"wrote {len(tensors)} tensors to {args.out}; set "
         f"config.eval.inception_weights={args.out}", file=sys.stderr)

@@ -25,6 +25,7 @@ from typing import Mapping
 
 import numpy as np
 
+from ldm_jax import outputs
 from ldm_jax.convert.files import write_safetensors
 from ldm_jax.models.lpips import torch_shapes
 
@@ -66,10 +67,13 @@ def select(vgg16: Mapping[str, np.ndarray], lin: Mapping[str, np.ndarray],
   return out
 
 
-def convert(vgg16_path: str, lin_path: str, out_path: str) -> dict[str, np.ndarray]:
-  """Reads both checkpoints, checks them, writes `out_path` atomically; returns the tensors."""
+def convert(vgg16_path: str, lin_path: str, out_path: str, *,
+            overwrite: bool = False) -> dict[str, np.ndarray]:
+  """Reads both checkpoints, checks them, writes `out_path` atomically; returns the tensors.
+  A file at `out_path` that ldm_jax did not write as weights is refused unless `overwrite`."""
+  outputs.check_target(out_path, outputs.WEIGHTS, overwrite=overwrite)
   tensors = select(_load_pth(vgg16_path), _load_pth(lin_path), (vgg16_path, lin_path))
-  write_safetensors(tensors, out_path)
+  write_safetensors(tensors, out_path, overwrite=overwrite)
   return tensors
 
 
@@ -80,9 +84,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--vgg16", required=True, help="torchvision vgg16-397923af.pth")
   parser.add_argument("--lin", required=True, help="LPIPS v0.1 vgg.pth")
   parser.add_argument("--out", required=True, help="output .safetensors path")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace --out even if ldm_jax did not write it")
   args = parser.parse_args(argv)
   try:
-    tensors = convert(args.vgg16, args.lin, args.out)
+    tensors = convert(args.vgg16, args.lin, args.out, overwrite=args.overwrite)
   except (OSError, ValueError, ImportError) as e:  # a user's input problem: no traceback
     parser.exit(1, f"error: {e}\n")
   print(f"wrote {len(tensors)} tensors to {args.out}; set config.loss.lpips_weights={args.out}",

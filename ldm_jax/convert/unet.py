@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ldm_jax import outputs
 from ldm_jax.convert.files import (DIFFUSERS_WEIGHTS, WeightFileError, read_safetensors_metadata,
                                    read_tensors, strip_nesting, write_diffusers_folder,
                                    write_safetensors)
@@ -285,19 +286,24 @@ def _spec_json(spec: UNetSpec) -> dict:
   return values
 
 
-def save_unet(model: UNetModel, path: str | os.PathLike, format: str = "diffusers") -> None:
+def save_unet(model: UNetModel, path: str | os.PathLike, format: str = "diffusers", *,
+              overwrite: bool = False) -> None:
   """format="diffusers": a UNet2DConditionModel folder; "compvis": one .safetensors with
-  CompVis keys and ldm_jax's spec in its metadata. Written atomically."""
+  CompVis keys and ldm_jax's spec in its metadata. Written atomically; a previous UNet
+  export at `path` is replaced, anything else refused unless `overwrite` (ldm_jax.outputs)."""
+  if format not in ("compvis", "diffusers"):
+    raise ValueError(f"format must be 'diffusers' or 'compvis', got {format!r}")
+  if format == "compvis" and Path(path).suffix != ".safetensors":
+    raise ValueError(f"a CompVis export is one .safetensors file; got {path}")
+  outputs.check_target(path, outputs.UNET, overwrite=overwrite)  # before the work
   tensors = export_state(model)
   if format == "diffusers":
-    write_diffusers_folder(tensors, diffusers_config(model.spec), path)
-  elif format == "compvis":
-    if Path(path).suffix != ".safetensors":
-      raise ValueError(f"a CompVis export is one .safetensors file; got {path}")
-    write_safetensors(to_compvis(tensors, model.spec), path,
-                      {SPEC_METADATA_KEY: json.dumps(_spec_json(model.spec))})
+    write_diffusers_folder(tensors, diffusers_config(model.spec), path, kind=outputs.UNET,
+                           overwrite=overwrite)
   else:
-    raise ValueError(f"format must be 'diffusers' or 'compvis', got {format!r}")
+    write_safetensors(to_compvis(tensors, model.spec), path,
+                      {SPEC_METADATA_KEY: json.dumps(_spec_json(model.spec))},
+                      kind=outputs.UNET, overwrite=overwrite)
 
 
 def ema_weights(tensors: dict[str, np.ndarray], spec: UNetSpec) -> dict[str, np.ndarray]:

@@ -7,8 +7,11 @@ pre-quantization latent as `mean` (VQ), plus the condition fields ("label", "tok
 Images are center-cropped and not flipped: augmentation is fixed at caching time.
 
 Layout: `DIR/{split}-{process:05d}-of-{count:05d}.array_record`, one file per host, each
-record a msgpack dict of arrays (flax.serialization). Every file is written to a temporary
-name and renamed when complete, so a crash never leaves a truncated shard.
+record a msgpack dict of arrays (flax.serialization). The folder is marked as a latent
+cache when first used (ldm_jax.outputs; a folder holding anything else is refused unless
+overwrite=True, and then only same-named shards are replaced) and reused after; every
+shard is written to a temporary name and renamed when complete, so a crash never leaves a
+truncated shard.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from ldm_jax.convert.files import atomic_path
+from ldm_jax import outputs
 from ldm_jax.data.conditions import ConditionSpec
 from ldm_jax.data.pipeline import eval_batches
 from ldm_jax.models.distributions import DiagonalGaussian
@@ -50,19 +53,29 @@ def shard_path(directory: str, split: str, process: int, count: int) -> str:
   return os.path.join(directory, f"{split}-{process:05d}-of-{count:05d}.array_record")
 
 
+def check_cache_dir(directory: str, *, overwrite: bool = False) -> None:
+  """Fails (outputs.OutputError) before any encoding when `directory` cannot hold a cache:
+  an existing cache is reused, an empty or missing folder is fine, anything else needs
+  `overwrite`."""
+  outputs.check_target(directory, outputs.LATENT_CACHE, overwrite=overwrite)
+
+
 def write_cache(model, data_config, split: str, directory: str, *, batch_size: int,
                 conditions: ConditionSpec | None = None,
-                max_examples: int | None = None, derived=None) -> int:
+                max_examples: int | None = None, derived=None,
+                overwrite: bool = False) -> int:
   """Encodes `split` into this host's shard of `directory`; returns the examples written.
 
   `derived(images) -> {name: array}`: more per-image arrays to keep, computed from the
-  same crops (the low-res inputs of a super-resolution model).
+  same crops (the low-res inputs of a super-resolution model). `overwrite`: see
+  `check_cache_dir`.
   """
   from array_record.python.array_record_module import ArrayRecordWriter
+  outputs.prepare_directory(directory, outputs.LATENT_CACHE, overwrite=overwrite)
   encode = jax.jit(lambda x: {**moments(model, x), **(derived(x) if derived else {})})
   path = shard_path(directory, split, jax.process_index(), jax.process_count())
   written = 0
-  with atomic_path(path) as tmp:
+  with outputs.atomic_path(path, outputs.LATENT_CACHE) as tmp:
     writer = ArrayRecordWriter(str(tmp), "group_size:1")
     try:
       for batch in eval_batches(data_config, split, batch_size=batch_size,

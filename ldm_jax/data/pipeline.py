@@ -8,18 +8,24 @@
                 the training process)
   read_threads  threads that read and decode records ahead of use (default 8)
   seed          picks the shuffle order and the augmentations
+  max_aspect_ratio, max_image_pixels
+                bounds on what is decoded (see sources.decode_limits)
 
 Determinism: the shuffle order and each example's crop and flip are functions of the seed,
 the host and the example's position in the stream (grain's `shuffle` / `random_map`), so a
 restored iterator produces the batches an uninterrupted run would have produced. The
 stream is only reproducible for the same `num_workers` and number of hosts.
 
-Undecodable records: the decode step logs the file once per process and returns None,
-grain's marker for a dropped element. A pass right after (in the worker, when there are
-workers) drops them and writes how many it dropped into the next example. The count rides
-along in the batch to the training process, which adds it up for `skipped_records()` and
-removes it from the batch, so counts from worker processes are not lost. The count is per
-process and restarts at 0 when the process restarts.
+Skipped records: a record that does not decode, or that is out of the decoding bounds
+(images.SKIP_REASONS: "undecodable", "aspect ratio", "too many pixels"), is logged once
+per file and process with its reason and becomes a marker {"skipped": counts by reason}
+in place of the example. A pass right after (in the worker, when there are workers) drops
+the markers and writes their counts into the next example. The counts ride along in the
+batch to the training process, which adds them up for `skipped_records()` /
+`skipped_by_reason()` and removes them from the batch, so counts from worker processes
+are not lost. They are per process, count a bad record again in every epoch, and restart
+at 0 when the process restarts. `data_report()` puts them, with the files the folder
+source ignored, into one line for the trainers' console log.
 """
 
 from __future__ import annotations
@@ -32,80 +38,126 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from ldm_jax.data import images
+from ldm_jax.data import images, sources
 from ldm_jax.data.conditions import ConditionSpec, FieldReader
-from ldm_jax.data.sources import make_source
+from ldm_jax.data.sources import decode_limits, make_source
 
-_SKIPPED = "skipped"
+_SKIPPED = "skipped"  # int32 [len(REASONS)]: records dropped before this one, by reason
+REASONS = images.SKIP_REASONS
 _lock = threading.Lock()
-_skipped = 0
+_skipped = dict.fromkeys(REASONS, 0)
 _warned: set[str] = set()
 
 
 def skipped_records() -> int:
-  """Undecodable records dropped so far by this process's pipelines (train and eval)."""
-  return _skipped
+  """Records dropped so far by this process's pipelines (train and eval), for any reason."""
+  return sum(_skipped.values())
 
 
-def _add_skipped(count: int) -> None:
-  global _skipped
-  if count:
+def skipped_by_reason() -> dict[str, int]:
+  """`skipped_records()` by reason: every one of REASONS, in that order, zeros included."""
+  with _lock:
+    return dict(_skipped)
+
+
+def data_report() -> str:
+  """One line for the console log: what was skipped and ignored so far, "" if nothing.
+
+  For example "skipped 3 records (undecodable 1, aspect ratio 2); ignored 5 files (.gif 3,
+  .txt 2)": records dropped by this process's pipelines (a bad file again in every
+  epoch), and files under the image folders listed so far whose extension is not read.
+  """
+  parts = []
+  skipped = skipped_by_reason()
+  if sum(skipped.values()):
+    parts.append(f"skipped {sources.plural(sum(skipped.values()), 'record')} ("
+                 + ", ".join(f"{r} {n}" for r, n in skipped.items() if n) + ")")
+  ignored = sources.ignored_files()
+  if ignored:
+    parts.append(f"ignored {sources.plural(sum(ignored.values()), 'file')} "
+                 f"({sources.format_counts(ignored)})")
+  return "; ".join(parts)
+
+
+def _add_skipped(counts: np.ndarray) -> None:
+  counts = np.asarray(counts).reshape(-1, len(REASONS)).sum(axis=0)
+  if counts.any():
     with _lock:
-      _skipped += int(count)
+      for reason, count in zip(REASONS, counts):
+        _skipped[reason] += int(count)
 
 
-def _warn_once(name: str, error: Exception) -> None:
+def _counts(reason: str | None = None) -> np.ndarray:
+  counts = np.zeros(len(REASONS), np.int32)
+  if reason is not None:
+    counts[REASONS.index(reason)] = 1
+  return counts
+
+
+def _warn_once(name: str, skip: images.SkippedImage) -> None:
   with _lock:
     if name in _warned:
       return
     _warned.add(name)
-  logging.warning("skipping undecodable image %s (%s: %s)", name, type(error).__name__, error)
+  logging.warning("skipping image %s: %s", name, skip)
 
 
 class Decode(grain.transforms.MapWithIndex):
-  """Record -> {"image": uint8 [H, W, 3], shorter side image_size}, or None if undecodable.
+  """Record -> {"image": uint8 [H, W, 3], shorter side image_size}, or for a record that
+  is skipped a marker {_SKIPPED: counts} without "image" (dropped by DropUndecodable).
 
   Runs on source indices (before shuffling), so a warning names the file or the record.
   """
 
   def __init__(self, image_size: int, label: str, image_key: str = "image",
-               fields: FieldReader | None = None):
+               fields: FieldReader | None = None, limits: dict | None = None):
     self.image_size = image_size
     self.label = label
     self.image_key = image_key
     self.fields = fields
+    self.limits = limits or {}  # max_aspect_ratio, max_image_pixels
 
   def conditions(self, record: Any) -> dict:
     return self.fields(record) if self.fields is not None else {}
 
-  def decode(self, index: int, record: Any) -> np.ndarray | None:
+  def decode(self, index: int, record: Any) -> np.ndarray:
+    """The resized pixels; raises SkippedImage (logged once per file) with the reason."""
     try:
-      return images.decode_resized(record, self.image_size, self.image_key)
+      return images.decode_resized(record, self.image_size, self.image_key, **self.limits)
+    except images.SkippedImage as e:
+      skip = e
     except Exception as e:  # pylint: disable=broad-except  # PIL raises many kinds
-      _warn_once(record if isinstance(record, str) else f"{self.label} record {index}", e)
-      return None
+      skip = images.SkippedImage(images.UNDECODABLE, f"{type(e).__name__}: {e}")
+    _warn_once(record if isinstance(record, str) else f"{self.label} record {index}", skip)
+    raise skip
 
-  def map_with_index(self, index: int, element: Any) -> dict | None:
-    pixels = self.decode(index, element)
-    return None if pixels is None else {"image": pixels, **self.conditions(element)}
+  def map_with_index(self, index: int, element: Any) -> dict:
+    try:
+      pixels = self.decode(index, element)
+    except images.SkippedImage as e:
+      return {_SKIPPED: _counts(e.reason)}
+    return {"image": pixels, **self.conditions(element)}
 
 
 class DecodeOrBlank(Decode):
-  """For evaluation: an undecodable record becomes a masked-out blank example."""
+  """For evaluation: a skipped record becomes a masked-out blank example."""
 
   def map_with_index(self, index: int, element: Any) -> dict:
-    pixels = self.decode(index, element)
-    if pixels is None:
-      return blank(self.image_size, self.fields, skipped=1)
+    try:
+      pixels = self.decode(index, element)
+    except images.SkippedImage as e:
+      return blank(self.image_size, self.fields, skipped=e.reason)
     crop = images.center_crop(pixels, self.image_size)
     return {"image": images.to_float(crop), **self.conditions(element), "mask": np.True_,
-            _SKIPPED: np.int32(0)}
+            _SKIPPED: _counts()}
 
 
-def blank(image_size: int, fields: FieldReader | None = None, skipped: int = 0) -> dict:
+def blank(image_size: int, fields: FieldReader | None = None,
+          skipped: str | None = None) -> dict:
+  """A masked-out example; `skipped`: the reason it stands in for a skipped record."""
   return {"image": np.zeros((image_size, image_size, 3), np.float32),
           **(fields.blank() if fields is not None else {}), "mask": np.False_,
-          _SKIPPED: np.int32(skipped)}
+          _SKIPPED: _counts(skipped)}
 
 
 class Augment(grain.transforms.RandomMap):
@@ -117,6 +169,8 @@ class Augment(grain.transforms.RandomMap):
     self.random_flip = random_flip
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    if "image" not in element:  # a skipped record's marker, passed on to be counted
+      return element
     pixels = element["image"]
     if self.random_crop:
       pixels = images.random_crop(pixels, self.image_size, rng)
@@ -128,7 +182,8 @@ class Augment(grain.transforms.RandomMap):
 
 
 class DropUndecodable(grain.IterDataset):
-  """Drops None elements and records in the next element how many were dropped.
+  """Drops skipped records' markers (and None elements) and records in the next element
+  how many were dropped, by reason.
 
   `limit` bounds a run of consecutive drops: an endless stream whose records all fail to
   decode would otherwise spin forever instead of failing.
@@ -150,15 +205,18 @@ class _DropUndecodableIterator(grain.DatasetIterator):
     self._limit = limit
 
   def __next__(self) -> dict:
-    dropped = 0
+    dropped = _counts()
     while True:
       element = next(self._parent)
-      if element is not None:
-        return {**element, _SKIPPED: np.int32(dropped)}
-      dropped += 1
-      if dropped >= self._limit:
-        raise RuntimeError(f"{dropped} records in a row could not be decoded; the data holds "
-                           f"no readable images (see the warnings above)")
+      if element is not None and "image" in element:
+        return {**element, _SKIPPED: dropped}
+      dropped += _counts(images.UNDECODABLE) if element is None else element[_SKIPPED]
+      if dropped.sum() >= self._limit:
+        reasons = ", ".join(f"{r} {n}" for r, n in zip(REASONS, dropped) if n)
+        raise RuntimeError(f"{dropped.sum()} records in a row could not be decoded ({reasons}); "
+                           f"the data holds no usable images (see the warnings above; "
+                           f"data.max_aspect_ratio and data.max_image_pixels bound what is "
+                           f"decoded)")
 
   def get_state(self) -> dict:
     return self._parent.get_state()
@@ -168,11 +226,11 @@ class _DropUndecodableIterator(grain.DatasetIterator):
 
 
 class CountSkipped(grain.transforms.Map):
-  """In the consuming process: moves the batch's drop counts into `skipped_records()`."""
+  """In the consuming process: moves the batch's drop counts into `skipped_by_reason()`."""
 
   def map(self, batch: dict) -> dict:
     batch = dict(batch)
-    _add_skipped(np.sum(batch.pop(_SKIPPED)))
+    _add_skipped(batch.pop(_SKIPPED))
     return batch
 
 
@@ -221,7 +279,7 @@ def train_iterator(data_config, *, global_batch_size: int, seed: int,
   size = int(data_config.image_size)
   ds = grain.MapDataset.source(source).map_with_index(
       Decode(size, source.label, data_config.get("image_key", "image"),
-             _reader(conditions, source)))
+             _reader(conditions, source), decode_limits(data_config)))
   ds = ds[hosts.shard_index::hosts.shard_count]
   if not len(ds):
     raise ValueError(f"{source.label} has no records for process {hosts.shard_index} of "
@@ -253,7 +311,7 @@ def eval_batches(data_config, split: str, *, batch_size: int, max_examples: int 
   process_count, ... Batches always have b examples; the last ones are padded with blank
   images whose mask is False, and every host yields the same number of batches, so the
   batches can go through `jax.make_array_from_process_local_data` and a compiled step of
-  one shape. An undecodable record is masked out the same way (and counted). Errors in
+  one shape. A skipped record is masked out the same way (and counted). Errors in
   the config raise here, not at the first batch.
   """
   hosts = _hosts(process_index, process_count)
@@ -265,7 +323,8 @@ def eval_batches(data_config, split: str, *, batch_size: int, max_examples: int 
     return iter(())
   reader = _reader(conditions, source)
   ds = grain.MapDataset.source(source).map_with_index(
-      DecodeOrBlank(size, source.label, data_config.get("image_key", "image"), reader))
+      DecodeOrBlank(size, source.label, data_config.get("image_key", "image"), reader,
+                    decode_limits(data_config)))
   ds = ds[:total][hosts.shard_index::hosts.shard_count]
   per_host = -(-total // hosts.shard_count)
   padding = -(-per_host // local_batch) * local_batch - len(ds)

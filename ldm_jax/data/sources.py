@@ -13,14 +13,22 @@
   data_dir      tfds: the TFDS data directory holding the prepared dataset
   image_key     tfds: the feature holding the image (default "image")
   batch_size    global batch size, only checked here
+  max_aspect_ratio  images whose longer side exceeds this many times the shorter are
+                skipped, before decoding (default 4; see images.DEFAULT_MAX_ASPECT_RATIO)
+  max_image_pixels  images with more pixels to decode (after JPEG's reduced-scale decoding)
+                are skipped (default 89,478,485, PIL's MAX_IMAGE_PIXELS); above twice PIL's
+                own limit PIL refuses the file whatever this says
 
 Sources return records undecoded (file paths, encoded bytes, arrays or TFDS dicts): the
 pipeline decodes them, so a broken file is skipped there instead of failing a run here.
 Everything that is wrong with the data config fails in `check_data`, before compilation.
+An image folder's files with other extensions are counted (`ignored_files`) and logged
+once per folder; a `.txt` caption beside an image is expected and not counted.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import glob
@@ -74,6 +82,14 @@ def make_source(data_config, split: str) -> Source:
                    f"(--config.data.source=folder --config.data.path=/dir/of/images)")
 
 
+def decode_limits(data_config) -> dict:
+  """The `images.decode_resized` bounds from `data_config` (defaults for older configs)."""
+  return dict(max_aspect_ratio=float(data_config.get("max_aspect_ratio",
+                                                     images.DEFAULT_MAX_ASPECT_RATIO)),
+              max_image_pixels=int(data_config.get("max_image_pixels",
+                                                   images.DEFAULT_MAX_IMAGE_PIXELS)))
+
+
 def check_data(data_config, *, process_count: int | None = None) -> None:
   """Fails fast, with what is wrong and how to fix it, on a data config that cannot train.
 
@@ -90,6 +106,12 @@ def check_data(data_config, *, process_count: int | None = None) -> None:
     raise ValueError(f"data.image_size must be positive, got {data_config.image_size}")
   if int(data_config.get("num_workers", 0)) < 0:
     raise ValueError(f"data.num_workers must be >= 0, got {data_config.num_workers}")
+  limits = decode_limits(data_config)
+  if not limits["max_aspect_ratio"] >= 1.0:
+    raise ValueError(f"data.max_aspect_ratio must be >= 1 (longer side / shorter side), got "
+                     f"{limits['max_aspect_ratio']}")
+  if limits["max_image_pixels"] < 1:
+    raise ValueError(f"data.max_image_pixels must be positive, got {limits['max_image_pixels']}")
   batch_size = int(data_config.batch_size)
   if batch_size <= 0 or batch_size % process_count:
     raise ValueError(f"data.batch_size={batch_size} must be a positive multiple of the "
@@ -118,7 +140,8 @@ def _probe(source: Source, data_config) -> None:
   errors = []
   for index in range(min(len(source), _PROBE_RECORDS)):
     try:
-      images.decode_resized(source[index], 8, data_config.get("image_key", "image"))
+      images.decode_resized(source[index], 8, data_config.get("image_key", "image"),
+                            **decode_limits(data_config))
       return
     except Exception as e:  # pylint: disable=broad-except
       errors.append(f"{type(e).__name__}: {e}")
@@ -152,12 +175,57 @@ def list_images(root: str) -> tuple[str, ...]:
 
   Cached: listing a million-file folder is slow and every split asks for it.
   """
-  found = []
+  return _scan(root)[0]
+
+
+# abspath(root) -> the extensions of the files under it that list_images left out.
+_ignored: dict[str, dict[str, int]] = {}
+
+
+@functools.cache
+def _scan(root: str) -> tuple[tuple[str, ...], dict[str, int]]:
+  """(sorted image files, {extension: count} of other files) under `root`; logs the latter.
+
+  Other files are those with an extension not in IMAGE_EXTENSIONS, except hidden ones and
+  `.txt` captions beside an image of the same name (what conditions.py reads).
+  """
+  found, ignored = [], collections.Counter()
   for folder, subfolders, files in os.walk(root, followlinks=True):
     subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-    found.extend(os.path.join(folder, f) for f in files
-                 if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
-  return tuple(sorted(found))
+    names = [os.path.splitext(f) for f in files if not f.startswith(".")]
+    stems = {stem for stem, ext in names if ext.lower() in IMAGE_EXTENSIONS}
+    for stem, ext in names:
+      if ext.lower() in IMAGE_EXTENSIONS:
+        found.append(os.path.join(folder, stem + ext))
+      elif not (ext == ".txt" and stem in stems):
+        ignored[ext.lower() or "(no extension)"] += 1
+  ignored = dict(ignored)
+  _ignored[os.path.abspath(root)] = ignored
+  if ignored:
+    logging.warning("folder %r: ignored %s with other extensions (%s); accepted: %s", root,
+                    plural(sum(ignored.values()), "file"), format_counts(ignored),
+                    " ".join(IMAGE_EXTENSIONS))
+  return tuple(sorted(found)), ignored
+
+
+def ignored_files() -> dict[str, int]:
+  """{extension: count} of the files left out of every image folder listed so far in this
+  process, largest count first (a folder inside another listed one is counted once)."""
+  roots = sorted(_ignored)
+  total = collections.Counter()
+  for root in roots:
+    if not any(root.startswith(other.rstrip(os.sep) + os.sep) for other in roots):
+      total.update(_ignored[root])
+  return dict(sorted(total.items(), key=lambda item: (-item[1], item[0])))
+
+
+def plural(count: int, noun: str) -> str:
+  return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def format_counts(counts: dict[str, int]) -> str:
+  """".gif 3, .txt 2": largest count first."""
+  return ", ".join(f"{k} {n}" for k, n in sorted(counts.items(), key=lambda i: (-i[1], i[0])))
 
 
 def held_out(keys: Sequence[str], fraction: float) -> frozenset[str]:
@@ -198,10 +266,11 @@ def _folder(data_config, split: str) -> Source:
 
 
 def _nonempty(root: str) -> tuple[str, ...]:
-  files = list_images(root)
+  files, ignored = _scan(root)
   if not files:
-    raise ValueError(f"no .jpg/.jpeg/.png/.webp files under {root!r}; point data.path at a "
-                     f"folder of images (searched recursively)")
+    others = f" (only other files: {format_counts(ignored)})" if ignored else ""
+    raise ValueError(f"no .jpg/.jpeg/.png/.webp files under {root!r}{others}; point data.path "
+                     f"at a folder of images (searched recursively)")
   return files
 
 

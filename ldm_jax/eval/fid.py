@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from ldm_jax.convert.files import atomic_path
+from ldm_jax import outputs
 
 
 class FeatureStats:
@@ -128,17 +128,18 @@ def inception_score(logits, splits: int = 10, shuffle_seed: int | None = 2020
   return float(np.mean(scores)), float(np.std(scores))
 
 
-def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, **extra) -> None:
-  """Writes `mu` and `sigma` (pytorch-fid's keys) atomically; `extra` arrays ride along."""
+def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, *,
+               overwrite: bool = False, **extra) -> None:
+  """Writes `mu` and `sigma` (pytorch-fid's keys) atomically; `extra` arrays ride along.
+  A file at `path` that ldm_jax did not write as statistics is kept unless `overwrite`."""
   mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
   if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
     raise ValueError(f"mu must be (d,) and sigma (d, d), got {mu.shape} and {sigma.shape}")
   path = os.fspath(path)
   if not path.endswith(".npz"):
     raise ValueError(f"reference statistics are .npz files, got {path!r}")
-  with atomic_path(path) as tmp:
-    with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-      np.savez(f, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in extra.items()})
+  outputs.write_npz(path, {"mu": mu, "sigma": sigma, **extra}, outputs.REFERENCE_STATS,
+                    overwrite=overwrite)
 
 
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

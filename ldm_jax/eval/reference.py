@@ -6,8 +6,10 @@ from absl import logging
 
 
 def compute_reference_stats(data_config, split: str, inception_weights: str, out: str,
-                            *, batch_size: int, num_examples: int = 0) -> int:
-  """Writes the split's (mu, sigma) to `out`; returns the number of images used."""
+                            *, batch_size: int, num_examples: int = 0,
+                            overwrite: bool = False) -> int:
+  """Writes the split's (mu, sigma) to `out`; returns the number of images used. A file
+  at `out` that ldm_jax did not write as statistics is refused unless `overwrite`."""
   import jax
   import tqdm
 
@@ -18,8 +20,10 @@ def compute_reference_stats(data_config, split: str, inception_weights: str, out
   from ldm_jax.models.inception import make_inception
   from ldm_jax.train import mesh as mesh_lib
 
+  from ldm_jax import outputs
   if not out.endswith(".npz"):
     raise ValueError(f"--out must end in .npz, got {out!r}")
+  outputs.check_target(out, outputs.REFERENCE_STATS, overwrite=overwrite)  # before the work
   inception = make_inception(inception_weights)
   mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1})
   mesh_lib.check_batch(batch_size, mesh)
@@ -31,7 +35,8 @@ def compute_reference_stats(data_config, split: str, inception_weights: str, out
         data_config, split, batch_size=batch_size, max_examples=num_examples or None),
         progress=bar.update)
   if jax.process_index() == 0:
-    fid_lib.save_stats(out, stats.mean(), stats.covariance(), num_examples=stats.count)
+    fid_lib.save_stats(out, stats.mean(), stats.covariance(), overwrite=overwrite,
+                       num_examples=stats.count)
   logging.info("wrote the Inception statistics of %d images of %r to %s", stats.count, split,
                out)
   return stats.count

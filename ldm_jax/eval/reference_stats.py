@@ -16,6 +16,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from ldm_jax.cli import parse_flags
 from ldm_jax.eval.reference import compute_reference_stats
 from ldm_jax.logs import console_logging
 
@@ -27,6 +28,8 @@ _INCEPTION = flags.DEFINE_string("inception_weights", None,
 _SPLIT = flags.DEFINE_string("split", None, "Data split; default config.data.val_split.")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 0, "Images to use; 0 = all.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch; default config.data.batch_size.")
+_OVERWRITE = flags.DEFINE_boolean("overwrite", False,
+                                  "Replace --out even when ldm_jax did not write it.")
 flags.mark_flags_as_required(["out"])
 
 
@@ -36,20 +39,21 @@ def main(argv):
   console_logging()
   if (_CONFIG.value is None) == (_WORKDIR.value is None):
     raise app.UsageError("give exactly one of --config or --workdir")
-  if _WORKDIR.value:
-    from ldm_jax.eval.workdir import load_run_config
-    config = load_run_config(_WORKDIR.value)
-  else:
-    config = _CONFIG.value
   from ldm_jax.eval.setup import eval_config
-  weights = _INCEPTION.value or eval_config(config).inception_weights
   try:
+    if _WORKDIR.value:
+      from ldm_jax.eval.workdir import load_run_config
+      config = load_run_config(_WORKDIR.value)
+    else:
+      config = _CONFIG.value
+    weights = _INCEPTION.value or eval_config(config).inception_weights
     compute_reference_stats(config.data, _SPLIT.value or config.data.val_split, weights,
                             os.fspath(_OUT.value), batch_size=_BATCH.value or
-                            int(config.data.batch_size), num_examples=_NUM_EXAMPLES.value)
+                            int(config.data.batch_size), num_examples=_NUM_EXAMPLES.value,
+                            overwrite=_OVERWRITE.value)
   except (FileNotFoundError, ValueError) as e:  # missing files, bad config: no traceback
     raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)  # unknown --config.* keys: one clear line

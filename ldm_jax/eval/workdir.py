@@ -20,14 +20,25 @@ LABELS = {"fid": "FID ↓", "is": "IS ↑", "rfid": "rFID ↓", "psnr": "PSNR (d
           "ssim": "SSIM ↑", "lpips": "LPIPS ↓"}
 
 
-def load_run_config(workdir: str):
-  """A training run's saved config.json, of either stage (see `is_ldm`)."""
+def load_run_config(workdir: str, first_stage: str | None = None):
+  """A training run's saved config.json, of either stage (see `is_ldm`).
+
+  `first_stage` (the commands' --first_stage): where an LDM run's first stage is now, when
+  it moved since training; it replaces `first_stage.path`. Other runs refuse it.
+  """
   import ml_collections
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.load(f))
+  if first_stage:
+    if not is_ldm(config):
+      raise ValueError(f"--first_stage applies to LDM runs; {workdir} holds an autoencoder "
+                       "run")
+    config.first_stage.path = (first_stage if "://" in first_stage
+                               else os.path.abspath(first_stage))
+  return config
 
 
 def is_ldm(config) -> bool:
@@ -90,6 +101,8 @@ def evaluate_workdir(workdir: str, config, step: int | None = None) -> dict:
   from ldm_jax.train import checkpoint, mesh as mesh_lib
   from ldm_jax.train.autoencoder_setup import abstract_state, build_programs
 
+  step = checkpoint.resolve_step(workdir, step)
+  check_reports(workdir, step)  # both fail before anything is built
   spec, programs = build_programs(config)
   mesh = mesh_lib.make_mesh(config.train.mesh)
   batch_size = int(config.data.batch_size)
@@ -165,12 +178,23 @@ def markdown_table(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_reports(workdir: str, report: dict) -> tuple[str, str]:
-  from ldm_jax.convert.files import atomic_path
-  base = os.path.join(workdir, "eval", f"step_{report['step']:07d}")
-  with atomic_path(base + ".json") as tmp:
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-  with atomic_path(base + ".md") as tmp:
-    tmp.write_text(markdown_table(report))
-  logging.info("wrote %s.json and %s.md", base, base)
+def report_paths(workdir: str, step: int) -> tuple[str, str]:
+  base = os.path.join(workdir, "eval", f"step_{step:07d}")
   return base + ".json", base + ".md"
+
+
+def check_reports(workdir: str, step: int) -> None:
+  """Fails (outputs.OutputError) before an evaluation whose reports could not be written:
+  a previous report of the step is replaced, a file ldm_jax did not write is not."""
+  from ldm_jax import outputs
+  for path in report_paths(workdir, step):
+    outputs.check_target(path, outputs.EVAL_REPORT)
+
+
+def write_reports(workdir: str, report: dict) -> tuple[str, str]:
+  from ldm_jax import outputs
+  json_path, md_path = report_paths(workdir, report["step"])
+  outputs.write_json(json_path, report, outputs.EVAL_REPORT)
+  outputs.write_markdown(md_path, markdown_table(report), outputs.EVAL_REPORT)
+  logging.info("wrote %s and %s", json_path, md_path)
+  return json_path, md_path

@@ -14,13 +14,15 @@ from ldm_jax.eval.setup import DEFAULTS as EVAL_DEFAULTS, eval_config
 from ldm_jax.losses.autoencoder import LossConfig
 from ldm_jax.models.autoencoder import AutoencoderSpec, abstract_autoencoder
 from ldm_jax.train import autoencoder_step as step_lib
+from ldm_jax.train import guard
 from ldm_jax.train.optim import adam, learning_rate
 
 KNOWN_KEYS = {
     "optim": {"base_learning_rate", "scale_lr", "accumulate_grad_batches", "b1", "b2",
               "grad_clip_norm", "ema_decay"},
     "train": {"num_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "seed",
-              "decoder_only", "init_from", "mesh", "export_format", "eval_examples"},
+              "decoder_only", "init_from", "mesh", "export_format", "eval_examples",
+              "on_nonfinite", "max_nonfinite"},
     "eval": set(EVAL_DEFAULTS),  # optional: runs saved before it existed lack the block
 }
 
@@ -43,6 +45,7 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[AutoencoderSpec, Lo
   for key in ("num_steps", "log_every", "eval_every", "ckpt_every"):
     if config.train[key] < 1:
       raise ValueError(f"train.{key}={config.train[key]} must be >= 1")
+  guard.check_policy(*guard.guard_settings(config))
   if config.optim.accumulate_grad_batches < 1:
     raise ValueError("optim.accumulate_grad_batches must be >= 1")
   if config.train.decoder_only and not config.train.init_from:

@@ -20,10 +20,16 @@ from ldm_jax.losses.autoencoder import LossConfig, discriminator_loss, generator
 from ldm_jax.models.autoencoder import AutoencoderSpec, abstract_autoencoder
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.distributions import DiagonalGaussian
+from ldm_jax.train import guard
 from ldm_jax.train import mesh as mesh_lib
 from ldm_jax.train.optim import ema_update
 
 sg = jax.lax.stop_gradient
+
+# What the non-finite guard checks each step, in the order its report encodes them.
+# "state": every updated array (parameters, Adam moments, EMA, discriminator statistics):
+# a finite gradient can still overflow Adam's second moment.
+GUARDED = ("total_loss", "disc_loss", "grad_norm", "disc_grad_norm", "state")
 
 
 def merge(graphdef, *states):
@@ -196,10 +202,14 @@ def make_train_step(programs: Programs) -> Callable:
       ema = ema_update(ema, params, programs.ema_decay, state.step + 1)
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
                "disc_grad_norm": optax.tree.norm(disc_grads)}
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              disc_params=disc_params, disc_rest=disc_rest,
-                              disc_opt_state=disc_opt_state, ema=ema)
-    return new_state, metrics
+    new_state = state.replace(params=params, opt_state=opt_state, disc_params=disc_params,
+                              disc_rest=disc_rest, disc_opt_state=disc_opt_state, ema=ema)
+    finite = {name: jnp.isfinite(metrics[name]) for name in GUARDED[:-1]}
+    finite["state"] = guard.tree_finite(new_state)
+    ok, report = guard.check(finite, state.step)
+    # A non-finite update is dropped whole (both players, statistics, EMA); the step moves on.
+    new_state = guard.keep_if(ok, new_state, state).replace(step=state.step + 1)
+    return new_state, {**metrics, "guard": report}
 
   return step_fn
 

@@ -23,18 +23,20 @@ from clu import metric_writers, periodic_actions
 from flax import nnx
 
 from ldm_jax.convert import load_autoencoder, save_autoencoder
-from ldm_jax.data.pipeline import eval_batches, skipped_records, train_iterator
+from ldm_jax.data.pipeline import data_report, eval_batches, skipped_records, train_iterator
 from ldm_jax.data.sources import check_data
 from ldm_jax.eval.reconstruction import ReconstructionEvaluator, summary_line
 from ldm_jax.eval.setup import eval_networks
+from ldm_jax.logs import line_notes
 from ldm_jax.losses.autoencoder import LossConfig
 from ldm_jax.models.autoencoder import AutoencoderSpec, build_autoencoder
 from ldm_jax.models.lpips import make_lpips
 from ldm_jax.train import autoencoder_step as step_lib
-from ldm_jax.train import checkpoint, mesh as mesh_lib
+from ldm_jax.train import checkpoint, mesh as mesh_lib, resume
 from ldm_jax.train.images import save_grid
 from ldm_jax.train.autoencoder_setup import build_programs, check_config
 from ldm_jax.train.optim import learning_rate
+from ldm_jax.train.guard import NonFiniteGuard, guard_settings
 from ldm_jax.train.preemption import PreemptionFlag
 
 @dataclasses.dataclass
@@ -96,24 +98,30 @@ def _next_update_batch(iterator, accumulate: int, sharding, global_shape) -> dic
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) until config.train.num_steps; returns the last validation metrics."""
-  run = build_run(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  """Trains (or resumes) until config.train.num_steps; returns the last validation metrics.
 
+  Nothing is written to `workdir` until the config is known to continue the run there
+  (`resume.check_resume`), the data and weights are checked, and the initial state (with
+  `train.init_from`) is built; config.json is replaced only after a successful restore.
+  """
+  config = resume.prepare(config, workdir)
+  run = build_run(config, workdir)
+  check_export_target(workdir, config)
   state = initial_state(run)
+  nonfinite = NonFiniteGuard(step_lib.GUARDED, *guard_settings(config))
+
+  os.makedirs(workdir, exist_ok=True)
   shardings = mesh_lib.state_shardings(run.mesh, state)
   state = jax.device_put(state, shardings)
   iterator = train_iterator(config.data, global_batch_size=run.global_batch,
                             seed=int(config.data.seed))
   manager = checkpoint.make_manager(workdir, int(config.train.keep_checkpoints))
-  latest = manager.latest_step()
-  if latest is not None:
-    logging.info("resuming from the checkpoint at step %d", latest)
-    state = checkpoint.restore(manager, latest, checkpoint.abstract_with_shardings(
+  last_saved = manager.latest_step()
+  if last_saved is not None:
+    logging.info("resuming from the checkpoint at step %d", last_saved)
+    state = checkpoint.restore(manager, last_saved, checkpoint.abstract_with_shardings(
         state, shardings), iterator)
+  resume.write_config(config, workdir)
 
   batch_sharding = mesh_lib.batch_sharding(run.mesh, leading_dims=1)
   size = int(config.data.image_size)
@@ -137,24 +145,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batch = _next_update_batch(iterator, run.accumulate, batch_sharding, global_shape)
         state, step_metrics = train_step(state, batch, run.lpips_state)
       step += 1
+      nonfinite.add(step_metrics.pop("guard"))
       totals = step_metrics if totals is None else jax.tree.map(jnp.add, totals, step_metrics)
       count += 1
       progress(step)
-      if step % int(config.train.log_every) == 0 or step == num_steps:
+      log_due = step % int(config.train.log_every) == 0 or step == num_steps
+      save_due = step % int(config.train.ckpt_every) == 0 or step == num_steps
+      preempted = preemption.requested()
+      if log_due or save_due or preempted:  # the loop syncs here anyway
+        nonfinite.check(step, last_saved)  # raises before a bad state is saved or exported
+      if log_due:
         scalars = {f"train/{k}": float(v) / count for k, v in jax.device_get(totals).items()}
         elapsed = time.time() - t_log
         scalars["train/learning_rate"] = learning_rate(config.optim, run.global_batch)
+        scalars["train/skipped_nonfinite"] = nonfinite.skipped
         scalars["data/skipped_records"] = skipped_records()
         writer.write_scalars(step, scalars)
         _console_line(step, num_steps, count / elapsed,
-                      count * run.global_batch * run.accumulate / elapsed, scalars)
+                      count * run.global_batch * run.accumulate / elapsed, scalars,
+                      line_notes(nonfinite.note(), data_report()))
         totals, count, t_log = None, 0, time.time()
       if step % int(config.train.eval_every) == 0 or step == num_steps:
         last_eval = evaluator(state, step, writer)
       saved = False
-      if step % int(config.train.ckpt_every) == 0 or step == num_steps:
+      if save_due:
         saved = checkpoint.save(manager, step, state, iterator)
-      if preemption.requested():
+        last_saved = step if saved else last_saved
+      if preempted:
         if not saved:
           checkpoint.save(manager, step, state, iterator, force=True)
         manager.wait_until_finished()
@@ -170,19 +187,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return last_eval
 
 
-def _console_line(step, num_steps, steps_per_s, images_per_s, scalars):
+def _console_line(step, num_steps, steps_per_s, images_per_s, scalars, note=""):
   eta = (num_steps - step) / max(steps_per_s, 1e-9)
   loss_keys = ("total_loss", "rec_loss", "kl_loss", "quant_loss", "g_loss", "disc_loss")
   losses = " ".join(f"{k}={scalars[f'train/{k}']:.4g}" for k in loss_keys
                     if f"train/{k}" in scalars)
-  logging.info("step %d/%d | %.2f steps/s | %.1f img/s | ETA %s | %s", step, num_steps,
-               steps_per_s, images_per_s, time.strftime("%H:%M:%S", time.gmtime(eta)), losses)
+  logging.info("step %d/%d | %.2f steps/s | %.1f img/s | ETA %s | %s%s", step, num_steps,
+               steps_per_s, images_per_s, time.strftime("%H:%M:%S", time.gmtime(eta)), losses,
+               note)
 
 
 def export_path(workdir: str, config) -> str:
   fmt = config.train.export_format
   return os.path.join(workdir, "export", "autoencoder" + (".safetensors" if fmt == "compvis"
                                                          else ""))
+
+
+def check_export_target(workdir: str, config) -> None:
+  """Fails before training when the end-of-run export could not replace what is there."""
+  from ldm_jax.outputs import check_target
+  check_target(export_path(workdir, config), "autoencoder")
 
 
 def export(run: Run, state: step_lib.TrainState, workdir: str) -> str | None:

@@ -45,13 +45,38 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   return restored["state"]
 
 
-def restore_state_only(workdir: str, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
-  """For export and evaluation: the newest (or given) state, without the data pipeline."""
+def restore_state_only(workdir: str, abstract_state: Any,
+                       step: int | None = None) -> tuple[Any, int]:
+  """For export and evaluation: the newest (or given) state, without the data pipeline.
+  A step that was not saved is a FileNotFoundError listing the saved ones."""
+  step = resolve_step(workdir, step)
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   with ocp.CheckpointManager(directory, item_names=("state", "data")) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {directory}; train first, or check --workdir")
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
   return restored["state"], step
+
+
+def resolve_step(workdir: str, step: int | None = None) -> int:
+  """`step` if `workdir` saved it, else the newest saved step when `step` is None; a
+  FileNotFoundError saying what there is otherwise. Reads only (commands call it before
+  building anything)."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  steps = saved_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {directory}; train first, or check --workdir")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; saved steps: "
+                            f"{', '.join(str(s) for s in steps)}")
+  return step
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of the complete checkpoints in `workdir` (none when it has no checkpoints/);
+  creates nothing."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(ocp.utils.checkpoint_steps(directory))

@@ -2,6 +2,9 @@
 
 The workdir's config.json says what the run trained; the weights come from its newest
 checkpoint (or a given step), EMA when the run kept them. `ldm_jax.export` is the command.
+The target is checked before anything is restored (`check_export_target`): never the
+workdir, a folder holding it or any other run; a previous export of the same kind is
+replaced atomically, anything else only with overwrite=True (see ldm_jax.outputs).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import jax
 import numpy as np
 from absl import logging
 
+from ldm_jax import outputs
 from ldm_jax.convert.autoencoder import save_autoencoder
-from ldm_jax.convert.files import atomic_path, write_safetensors
+from ldm_jax.convert.files import write_safetensors
 from ldm_jax.convert.torch_layout import export_state
 from ldm_jax.convert.unet import save_unet, to_compvis
 from ldm_jax.eval.workdir import is_ldm, load_run_config
@@ -23,25 +27,53 @@ from ldm_jax.train.first_stage import restore_autoencoder
 from ldm_jax.train.ldm_setup import abstract_state
 from ldm_jax.train.ldm_trainer import build_run
 
+FORMATS = ("diffusers", "compvis")
+
+
+def check_export_target(workdir: str, out: str, fmt: str, kind: str,
+                        overwrite: bool = False) -> None:
+  """Raises (ValueError / outputs.OutputError) unless `out` can take a `fmt` export of
+  `workdir`; reads only."""
+  if fmt not in FORMATS:
+    raise ValueError(f"format must be 'diffusers' or 'compvis', got {fmt!r}")
+  if fmt == "compvis" and not os.fspath(out).endswith(".safetensors"):
+    raise ValueError(f"a CompVis export is one .safetensors file; got --out={out}")
+  run, target = os.path.realpath(workdir), os.path.realpath(out)
+  suggestion = os.path.join(workdir, "export", "ldm" if kind == outputs.LDM else "autoencoder")
+  if target == run:
+    raise outputs.OutputError(f"--out={out} is the workdir itself; an export never replaces "
+                              f"it, not even with --overwrite: use e.g. --out={suggestion}")
+  if run.startswith(target.rstrip(os.sep) + os.sep):
+    raise outputs.OutputError(f"--out={out} holds the workdir {workdir}; replacing it would "
+                              "delete the run, so even --overwrite is refused: use e.g. "
+                              f"--out={suggestion}")
+  outputs.check_target(out, kind, overwrite=overwrite)
+
 
 def export_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: bool = True,
-                   step: int | None = None) -> int:
+                   step: int | None = None, *, overwrite: bool = False) -> int:
   """Writes the autoencoder of `workdir`'s checkpoint to `out`; returns the step exported."""
+  check_export_target(workdir, out, fmt, outputs.AUTOENCODER, overwrite)
+  checkpoint.resolve_step(workdir, step)  # a missing step fails before anything is built
   model, restored_step, has_ema = restore_autoencoder(workdir, use_ema, step)
-  save_autoencoder(model, out, format=fmt)
+  save_autoencoder(model, out, format=fmt, overwrite=overwrite)
   logging.info("exported step %d (%s weights) to %s", restored_step,
                "EMA" if use_ema and has_ema else "trained", out)
   return restored_step
 
 
 def export_ldm_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: bool = True,
-                       step: int | None = None) -> int:
+                       step: int | None = None, *, overwrite: bool = False,
+                       first_stage: str | None = None) -> int:
   """An LDM run for PyTorch users. diffusers: a folder with unet/ (UNet2DConditionModel),
   vae/ (AutoencoderKL or VQModel, scaling_factor = the run's latent scale) and, when the
   model has one, cond/ (the condition encoder's tensors and its config; it has no
   diffusers class). compvis: one .safetensors in the LDM checkpoint layout
-  (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*)."""
-  config = load_run_config(workdir)
+  (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*). `first_stage`:
+  where the run's first stage is now, when it moved."""
+  config = load_run_config(workdir, first_stage=first_stage)
+  check_export_target(workdir, out, fmt, outputs.LDM, overwrite)
+  checkpoint.resolve_step(workdir, step)  # a missing step fails before anything is built
   run = build_run(config, workdir, check_training_data=False)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -52,32 +84,34 @@ def export_ldm_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: 
   cond = ({f"cond_stage_model.{k}": v for k, v in export_state(model.cond).items()}
           if model.cond.encoder is not None else {})
   if fmt == "diffusers":
-    with atomic_path(out) as tmp:
+    with outputs.atomic_path(out, outputs.LDM, overwrite=overwrite) as tmp:
       os.makedirs(tmp)
       save_unet(model.unet, os.path.join(tmp, "unet"), format="diffusers")
       save_autoencoder(run.first_stage, os.path.join(tmp, "vae"), format="diffusers",
                        scaling_factor=scale)
       if cond:
         write_safetensors({k.split(".", 1)[1]: v for k, v in cond.items()},
-                          os.path.join(tmp, "cond", "model.safetensors"))
+                          os.path.join(tmp, "cond", "model.safetensors"), kind=outputs.LDM)
         with open(os.path.join(tmp, "cond", "config.json"), "w") as f:
           json.dump(config.cond.to_dict(), f, indent=2)
-  elif fmt == "compvis":
+  else:
     tensors = {f"model.diffusion_model.{k}": v
                for k, v in to_compvis(export_state(model.unet), run.spec).items()}
     tensors.update({f"first_stage_model.{k}": v
                     for k, v in export_state(run.first_stage).items()})
     tensors.update(cond)
     tensors["scale_factor"] = np.asarray(scale, np.float32)
-    write_safetensors(tensors, out)
-  else:
-    raise ValueError(f"format must be 'diffusers' or 'compvis', got {fmt!r}")
+    write_safetensors(tensors, out, kind=outputs.LDM, overwrite=overwrite)
   logging.info("exported LDM step %d to %s (latent scale %.5f)", restored, out, scale)
   return restored
 
 
 def export_any_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: bool = True,
-                       step: int | None = None) -> int:
+                       step: int | None = None, *, overwrite: bool = False,
+                       first_stage: str | None = None) -> int:
   """Exports an autoencoder or an LDM run, whichever `workdir` holds."""
-  export = export_ldm_workdir if is_ldm(load_run_config(workdir)) else export_workdir
-  return export(workdir, out, fmt, use_ema, step)
+  config = load_run_config(workdir, first_stage=first_stage)  # first_stage: LDM runs only
+  if is_ldm(config):
+    return export_ldm_workdir(workdir, out, fmt, use_ema, step, overwrite=overwrite,
+                              first_stage=first_stage)
+  return export_workdir(workdir, out, fmt, use_ema, step, overwrite=overwrite)

@@ -48,7 +48,7 @@ KNOWN_KEYS = {
               "weight_decay", "warmup_steps", "grad_clip_norm", "ema_decay"},
     "sample": {"sampler", "steps", "eta", "guidance_scale", "num", "every"},
     "train": {"num_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints",
-              "seed", "mesh", "eval_examples"},
+              "seed", "mesh", "eval_examples", "on_nonfinite", "max_nonfinite"},
     "eval": set(EVAL_DEFAULTS),  # optional: runs saved before it existed lack the block
 }
 
@@ -92,6 +92,14 @@ def check_config(config: ml_collections.ConfigDict):
       raise ValueError(f"train.{key}={config.train[key]} must be >= 1")
   if config.data.batch_size < 1:
     raise ValueError(f"data.batch_size={config.data.batch_size} must be >= 1")
+  from ldm_jax.train import guard
+  guard.check_policy(*guard.guard_settings(config))
+  if int(config.optim.get("accumulate_grad_batches", 1)) != 1:
+    # The LDM step makes one update per batch; accepting the key would only scale the
+    # learning rate (scale_lr) for an accumulation that never happens.
+    raise ValueError(f"optim.accumulate_grad_batches={config.optim.accumulate_grad_batches}: "
+                     "the LDM step does not accumulate gradients; use 1 and a larger "
+                     "data.batch_size (or more devices) instead")
   if not 0 <= config.cond.dropout_prob < 1:
     raise ValueError(f"cond.dropout_prob={config.cond.dropout_prob} must be in [0, 1)")
   if not (config.first_stage.path or config.first_stage.cache_dir):

@@ -25,12 +25,17 @@ from ldm_jax.models.conditioners import Conditioner
 from ldm_jax.models.layers import Buffer
 from ldm_jax.models.unet import UNetModel, UNetSpec
 from ldm_jax.train import concat as concat_lib
-from ldm_jax.train import first_stage
+from ldm_jax.train import first_stage, guard
 from ldm_jax.train import mesh as mesh_lib
 from ldm_jax.train.autoencoder_step import merge
 from ldm_jax.train.optim import ema_update
 
 sg = jax.lax.stop_gradient
+
+# What the non-finite guard checks each step, in the order its report encodes them.
+# "state": every updated array (parameters, AdamW moments, EMA): a finite gradient can still
+# overflow the second moment.
+GUARDED = ("loss", "grad_norm", "state")
 
 
 class LatentDiffusion(nnx.Module):
@@ -150,8 +155,13 @@ def make_train_step(programs: LDMPrograms) -> Callable:
       ema = ema_update(ema, params, programs.ema_decay, state.step + 1)
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
                "latent_std": jnp.std(z)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         ema=ema), metrics
+    new_state = state.replace(params=params, opt_state=opt_state, ema=ema)
+    ok, report = guard.check({"loss": jnp.isfinite(metrics["loss"]),
+                              "grad_norm": jnp.isfinite(metrics["grad_norm"]),
+                              "state": guard.tree_finite(new_state)}, state.step)
+    # A non-finite update is dropped (parameters, optimizer, EMA); the step moves on.
+    new_state = guard.keep_if(ok, new_state, state).replace(step=state.step + 1)
+    return new_state, {**metrics, "guard": report}
 
   return step_fn
 

@@ -24,12 +24,15 @@ from clu import metric_writers
 from flax import nnx
 
 from ldm_jax.data.latents import latent_iterator
-from ldm_jax.data.pipeline import skipped_records, train_iterator
+from ldm_jax.data.pipeline import data_report, skipped_records, train_iterator
 from ldm_jax.data.sources import check_data
 from ldm_jax.diffusion import samplers
+from ldm_jax.logs import line_notes
 from ldm_jax.train import checkpoint, first_stage, ldm_step
 from ldm_jax.train import concat as concat_lib
 from ldm_jax.train import mesh as mesh_lib
+from ldm_jax.train import resume
+from ldm_jax.train.guard import NonFiniteError, NonFiniteGuard, guard_settings
 from ldm_jax.train.images import save_grid
 from ldm_jax.train.ldm_setup import build_model, build_programs, condition_spec
 from ldm_jax.train.optim import learning_rate
@@ -59,7 +62,13 @@ def build_run(config: ml_collections.ConfigDict, workdir: str,
   mesh = mesh_lib.make_mesh(config.train.mesh)
   global_batch = int(config.data.batch_size)
   mesh_lib.check_batch(global_batch, mesh)
-  autoencoder = first_stage.load_first_stage(config.first_stage.path)
+  source = str(config.first_stage.path)
+  if "://" not in source and not os.path.exists(source):
+    raise FileNotFoundError(
+        f"the first stage {source} (first_stage.path) does not exist: if it moved, give its "
+        f"new place with --first_stage=PATH (sample, export, evaluate) or "
+        f"--config.first_stage.path=PATH (training)")
+  autoencoder = first_stage.load_first_stage(source)
   if autoencoder.spec.kind != config.first_stage.kind:
     raise ValueError(f"first_stage.kind={config.first_stage.kind!r} but "
                      f"{config.first_stage.path} holds a {autoencoder.spec.kind!r} model")
@@ -155,26 +164,31 @@ def grid(images: np.ndarray, columns: int = 4) -> np.ndarray:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) until config.train.num_steps; returns the last logged scalars.
+
+  As in the first stage: nothing is written to `workdir` before the config is known to
+  continue its run and everything is loaded; config.json is replaced after the restore.
+  """
+  config = resume.prepare(config, workdir)
   run = build_run(config, workdir)
   from ldm_jax.eval.generation import training_evaluation  # it imports this module
   evaluation = training_evaluation(run)  # FID / IS; None without eval.inception_weights
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   programs = run.programs
   seed = int(config.train.seed)
   state = ldm_step.new_state(build_model(config, run.spec, seed), programs,
                              float(config.first_stage.scale_factor), seed)
+  nonfinite = NonFiniteGuard(ldm_step.GUARDED, *guard_settings(config))
+  os.makedirs(workdir, exist_ok=True)
   shardings = mesh_lib.state_shardings(run.mesh, state)
   state = jax.device_put(state, shardings)
   iterator = _iterator(run)
   manager = checkpoint.make_manager(workdir, int(config.train.keep_checkpoints))
-  latest = manager.latest_step()
-  if latest is not None:
-    logging.info("resuming from the checkpoint at step %d", latest)
-    state = checkpoint.restore(manager, latest, checkpoint.abstract_with_shardings(
+  last_saved = manager.latest_step()
+  if last_saved is not None:
+    logging.info("resuming from the checkpoint at step %d", last_saved)
+    state = checkpoint.restore(manager, last_saved, checkpoint.abstract_with_shardings(
         state, shardings), iterator)
+  resume.write_config(config, workdir)
   logging.info("LDM: %s; learning rate %.3g", ldm_step.describe(programs),
                learning_rate(config.optim, run.global_batch))
 
@@ -186,6 +200,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     first = mesh_lib.global_batch(local, batch_sharding)
     factor = jax.jit(ldm_step.scale_by_std, static_argnums=0)(programs, first, fs_state,
                                                               state.rng)
+    if not np.isfinite(float(factor)):
+      raise NonFiniteError(f"scale_by_std: the first batch's latents give a non-finite "
+                           f"scale_factor ({float(factor)}); check first_stage.path")
     state = state.replace(scale_factor=jax.device_put(factor, shardings.scale_factor))
     logging.info("scale_by_std: scale_factor = %.5f", float(factor))
   logging.info("latent scale_factor %.5f", float(jax.device_get(state.scale_factor)))
@@ -207,16 +224,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state, metrics = train_step(state, mesh_lib.global_batch(local, batch_sharding),
                                   fs_state)
       step += 1
+      nonfinite.add(metrics.pop("guard"))
       totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
       count += 1
-      if step % int(config.train.log_every) == 0 or step == num_steps:
+      log_due = step % int(config.train.log_every) == 0 or step == num_steps
+      save_due = step % int(config.train.ckpt_every) == 0 or step == num_steps
+      preempted = preemption.requested()
+      if log_due or save_due or preempted:  # the loop syncs here anyway
+        nonfinite.check(step, last_saved)  # raises before a bad state is saved
+      if log_due:
         scalars = {f"train/{k}": float(v) / count for k, v in jax.device_get(totals).items()}
         elapsed = time.time() - t_log
+        scalars["train/skipped_nonfinite"] = nonfinite.skipped
         scalars["data/skipped_records"] = skipped_records()
         writer.write_scalars(step, scalars)
-        logging.info("step %d/%d | %.2f steps/s | %.1f img/s | loss=%.4f", step, num_steps,
+        logging.info("step %d/%d | %.2f steps/s | %.1f img/s | loss=%.4f%s", step, num_steps,
                      count / elapsed, count * run.global_batch / elapsed,
-                     scalars["train/loss"])
+                     scalars["train/loss"], line_notes(nonfinite.note(), data_report()))
         last = scalars
         totals, count, t_log = None, 0, time.time()
       if step % int(config.sample.every) == 0 or step == num_steps:
@@ -233,9 +257,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                      or step == num_steps):
         last = {**last, **evaluation(state, step, writer)}
       saved = False
-      if step % int(config.train.ckpt_every) == 0 or step == num_steps:
+      if save_due:
         saved = checkpoint.save(manager, step, state, iterator)
-      if preemption.requested():
+        last_saved = step if saved else last_saved
+      if preempted:
         if not saved:
           checkpoint.save(manager, step, state, iterator, force=True)
         manager.wait_until_finished()
