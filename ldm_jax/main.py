@@ -56,12 +56,15 @@ def main(argv):
     from ldm_jax.train.ldm_trainer import train_and_evaluate
   else:
     from ldm_jax.train.autoencoder_trainer import train_and_evaluate
+  from ldm_jax.convert.files import WeightFileError
+  from ldm_jax.convert.torch_layout import StateMismatchError
   from ldm_jax.outputs import OutputError
   from ldm_jax.train.guard import NonFiniteError
   from ldm_jax.train.resume import WorkdirMismatch
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (NonFiniteError, WorkdirMismatch, OutputError) as e:  # each says what to do
+  except (NonFiniteError, WorkdirMismatch, OutputError, WeightFileError,
+          StateMismatchError) as e:  # each says what is wrong and what to do
     raise SystemExit(f"error: {e}") from None
 
 

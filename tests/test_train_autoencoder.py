@@ -157,6 +157,14 @@ def test_bad_config_fails_before_compiling(tmp_path):
     config[block][key] = value
     with pytest.raises((ValueError, FileNotFoundError), match=message):
       build_run(config, str(tmp_path))
+  # A failed init_from leaves no half-made workdir behind.
+  from ldm_jax.convert.files import WeightFileError
+  from ldm_jax.train.autoencoder_trainer import train_and_evaluate
+  config = module.get_config("tiny")
+  config.train.init_from = str(tmp_path / "missing.safetensors")
+  with pytest.raises(WeightFileError, match="train.init_from=.*no weight file"):
+    train_and_evaluate(config, str(tmp_path / "fresh"))
+  assert not (tmp_path / "fresh").exists()
   config = module.get_config("tiny")
   config.train.mesh = {"data": 3, "fsdp": 1}
   with pytest.raises(ValueError, match="needs 3 devices"):

@@ -23,6 +23,8 @@ from clu import metric_writers, periodic_actions
 from flax import nnx
 
 from ldm_jax.convert import load_autoencoder, save_autoencoder
+from ldm_jax.convert.files import WeightFileError
+from ldm_jax.convert.torch_layout import StateMismatchError
 from ldm_jax.data.pipeline import data_report, eval_batches, skipped_records, train_iterator
 from ldm_jax.data.sources import check_data
 from ldm_jax.eval.reconstruction import ReconstructionEvaluator, summary_line
@@ -84,7 +86,10 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
 def initial_state(run: Run) -> step_lib.TrainState:
   seed = int(run.config.train.seed)
   if run.config.train.init_from:
-    model = load_autoencoder(run.config.train.init_from, run.spec)
+    try:
+      model = load_autoencoder(run.config.train.init_from, run.spec)
+    except (WeightFileError, StateMismatchError) as e:  # before the workdir is made
+      raise WeightFileError(f"train.init_from={run.config.train.init_from}: {e}") from None
   else:
     model = build_autoencoder(run.spec, nnx.Rngs(seed))
   disc = step_lib.build_discriminator(run.loss, run.spec.dtype, seed)
