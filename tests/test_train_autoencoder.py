@@ -162,7 +162,7 @@ def test_bad_config_fails_before_compiling(tmp_path):
   from ldm_jax.train.autoencoder_trainer import train_and_evaluate
   config = module.get_config("tiny")
   config.train.init_from = str(tmp_path / "missing.safetensors")
-  with pytest.raises(WeightFileError, match="train.init_from=.*no weight file"):
+  with pytest.raises(WeightFileError, match="train.init_from=.*no weights at"):
     train_and_evaluate(config, str(tmp_path / "fresh"))
   assert not (tmp_path / "fresh").exists()
   config = module.get_config("tiny")
