@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
+from ldm_jax.diffusion.samplers import SAMPLERS
 from ldm_jax.logs import console_logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The LDM training run's workdir.")
@@ -28,7 +29,7 @@ _NUM = flags.DEFINE_integer("num", 16, "How many images.", lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch", 16, "Images per compiled sampling call.", lower_bound=1)
 _STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: the config's).",
                               lower_bound=1)
-_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "plms", "dpmpp_2m", "ddpm"],
+_SAMPLER = flags.DEFINE_enum("sampler", None, list(SAMPLERS),
                              "Sampler (default: the config's).")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: the config's).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale.")

@@ -51,7 +51,9 @@ def test_text_inpainting_ldm_trains_resumes_samples_and_exports(tmp_path, kl_wei
   config = _config("ldm_inpaint_kl8", kl_weights, num_steps=2)
   metrics = ldm_trainer.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(metrics["train/loss"])
-  assert sorted(os.listdir(tmp_path / "images")) == ["samples_0000002.png"]
+  # A grid at step 0 (the untrained model: the baseline) and at the end.
+  assert sorted(os.listdir(tmp_path / "images")) == ["samples_0000000.png",
+                                                     "samples_0000002.png"]
   state, step = _saved_state(tmp_path)
   assert step == 2
   scale = float(state.scale_factor)

@@ -1,9 +1,10 @@
-"""First-stage training: `train_and_evaluate(config, workdir)`.
+"""First-stage training: `train_and_evaluate(config, workdir)`, the first stage's `Stage`
+for the one loop (`train.loop`).
 
 Everything that can be wrong with the config, the data or the weights is checked before
-anything is compiled. The loop resumes from the newest checkpoint in `workdir`, saves one
-when it receives SIGTERM (preemption), evaluates on the held-out split, and exports the
-(EMA) weights for PyTorch at the end.
+anything is compiled. The stage brings the GAN step (accumulated micro-batches), the
+validation on the held-out split (PSNR / SSIM / LPIPS / rFID and an image grid) and the
+export of the (EMA) weights for PyTorch at the end.
 """
 
 from __future__ import annotations
@@ -12,34 +13,29 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from clu import metric_writers, periodic_actions
 from flax import nnx
 
 from ldm_jax.convert import load_autoencoder, save_autoencoder
 from ldm_jax.convert.files import WeightFileError
 from ldm_jax.convert.torch_layout import StateMismatchError
-from ldm_jax.data.pipeline import data_report, eval_batches, skipped_records, train_iterator
+from ldm_jax.data.pipeline import eval_batches, train_iterator
 from ldm_jax.data.sources import check_data
 from ldm_jax.eval.reconstruction import ReconstructionEvaluator, summary_line
 from ldm_jax.eval.setup import eval_networks
-from ldm_jax.logs import line_notes
 from ldm_jax.losses.autoencoder import LossConfig
 from ldm_jax.models.autoencoder import AutoencoderSpec, build_autoencoder
 from ldm_jax.models.lpips import make_lpips
 from ldm_jax.train import autoencoder_step as step_lib
-from ldm_jax.train import checkpoint, mesh as mesh_lib, resume
-from ldm_jax.train.images import save_grid
+from ldm_jax.train import loop
+from ldm_jax.train import mesh as mesh_lib
 from ldm_jax.train.autoencoder_setup import build_programs, check_config
+from ldm_jax.train.images import save_grid
 from ldm_jax.train.optim import learning_rate
-from ldm_jax.train.guard import NonFiniteGuard, guard_settings
-from ldm_jax.train.preemption import PreemptionFlag
 
 @dataclasses.dataclass
 class Run:
@@ -103,103 +99,40 @@ def _next_update_batch(iterator, accumulate: int, sharding, global_shape) -> dic
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) until config.train.num_steps; returns the last validation metrics.
+  """Trains (or resumes) until config.train.num_steps (see `train.loop`); returns the last
+  training scalars and validation metrics."""
+  return loop.train(config, workdir, setup)
 
-  Nothing is written to `workdir` until the config is known to continue the run there
-  (`resume.check_resume`), the data and weights are checked, and the initial state (with
-  `train.init_from`) is built; config.json is replaced only after a successful restore.
-  """
-  config = resume.prepare(config, workdir)
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
+  """The first stage for the loop: checked, loaded and initialized (with
+  `train.init_from`), the export target checked; nothing written yet."""
   run = build_run(config, workdir)
   check_export_target(workdir, config)
-  state = initial_state(run)
-  nonfinite = NonFiniteGuard(step_lib.GUARDED, *guard_settings(config))
-
-  os.makedirs(workdir, exist_ok=True)
-  shardings = mesh_lib.state_shardings(run.mesh, state)
-  state = jax.device_put(state, shardings)
-  iterator = train_iterator(config.data, global_batch_size=run.global_batch,
-                            seed=int(config.data.seed))
-  manager = checkpoint.make_manager(workdir, int(config.train.keep_checkpoints))
-  last_saved = manager.latest_step()
-  if last_saved is not None:
-    logging.info("resuming from the checkpoint at step %d", last_saved)
-    state = checkpoint.restore(manager, last_saved, checkpoint.abstract_with_shardings(
-        state, shardings), iterator)
-  resume.write_config(config, workdir)
-
-  batch_sharding = mesh_lib.batch_sharding(run.mesh, leading_dims=1)
   size = int(config.data.image_size)
   global_shape = (run.accumulate, run.global_batch, size, size, 3)
-  train_step = step_lib.jit_train_step(run.programs, run.mesh, shardings, run.lpips_state)
-  evaluator = Evaluator(run)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  num_steps = int(config.train.num_steps)
-  progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                             every_steps=int(config.train.log_every))
-  preemption = PreemptionFlag()
-  step = int(jax.device_get(state.step))
-  first_step = step
-  totals, count, t_log, last_eval = None, 0, time.time(), {}
-  if step == 0:
-    last_eval = evaluator(state, step, writer)
-  try:
-    while step < num_steps:
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = _next_update_batch(iterator, run.accumulate, batch_sharding, global_shape)
-        state, step_metrics = train_step(state, batch, run.lpips_state)
-      step += 1
-      nonfinite.add(step_metrics.pop("guard"))
-      totals = step_metrics if totals is None else jax.tree.map(jnp.add, totals, step_metrics)
-      count += 1
-      progress(step)
-      log_due = step % int(config.train.log_every) == 0 or step == num_steps
-      save_due = step % int(config.train.ckpt_every) == 0 or step == num_steps
-      preempted = preemption.requested()
-      if log_due or save_due or preempted:  # the loop syncs here anyway
-        nonfinite.check(step, last_saved)  # raises before a bad state is saved or exported
-      if log_due:
-        scalars = {f"train/{k}": float(v) / count for k, v in jax.device_get(totals).items()}
-        elapsed = time.time() - t_log
-        scalars["train/learning_rate"] = learning_rate(config.optim, run.global_batch)
-        scalars["train/skipped_nonfinite"] = nonfinite.skipped
-        scalars["data/skipped_records"] = skipped_records()
-        writer.write_scalars(step, scalars)
-        _console_line(step, num_steps, count / elapsed,
-                      count * run.global_batch * run.accumulate / elapsed, scalars,
-                      line_notes(nonfinite.note(), data_report()))
-        totals, count, t_log = None, 0, time.time()
-      if step % int(config.train.eval_every) == 0 or step == num_steps:
-        last_eval = evaluator(state, step, writer)
-      saved = False
-      if save_due:
-        saved = checkpoint.save(manager, step, state, iterator)
-        last_saved = step if saved else last_saved
-      if preempted:
-        if not saved:
-          checkpoint.save(manager, step, state, iterator, force=True)
-        manager.wait_until_finished()
-        logging.warning("preempted: checkpoint saved at step %d; rerun the same command to "
-                        "resume", step)
-        return last_eval
-  finally:
-    preemption.restore()
-    manager.wait_until_finished()
-    writer.flush()
-  if step > first_step or not os.path.exists(export_path(workdir, config)):
-    export(run, state, workdir)
-  return last_eval
+  def start(state, iterator, shardings) -> loop.Started:
+    batch_sharding = mesh_lib.batch_sharding(run.mesh, leading_dims=1)
+    compiled = step_lib.jit_train_step(run.programs, run.mesh, shardings, run.lpips_state)
+
+    def train_step(state):
+      batch = _next_update_batch(iterator, run.accumulate, batch_sharding, global_shape)
+      return compiled(state, batch, run.lpips_state)
+
+    return loop.Started(state, train_step, [(int(config.train.eval_every), Evaluator(run))])
+
+  lr = learning_rate(config.optim, run.global_batch)
+  return loop.Stage(
+      name="autoencoder", mesh=run.mesh, state=initial_state(run), guarded=step_lib.GUARDED,
+      make_iterator=lambda: train_iterator(config.data, global_batch_size=run.global_batch,
+                                           seed=int(config.data.seed)),
+      images_per_step=run.global_batch * run.accumulate, learning_rate=lambda step: lr,
+      start=start, console_keys=CONSOLE_KEYS, export=lambda state: export(run, state, workdir),
+      export_exists=lambda: os.path.exists(export_path(workdir, config)))
 
 
-def _console_line(step, num_steps, steps_per_s, images_per_s, scalars, note=""):
-  eta = (num_steps - step) / max(steps_per_s, 1e-9)
-  loss_keys = ("total_loss", "rec_loss", "kl_loss", "quant_loss", "g_loss", "disc_loss")
-  losses = " ".join(f"{k}={scalars[f'train/{k}']:.4g}" for k in loss_keys
-                    if f"train/{k}" in scalars)
-  logging.info("step %d/%d | %.2f steps/s | %.1f img/s | ETA %s | %s%s", step, num_steps,
-               steps_per_s, images_per_s, time.strftime("%H:%M:%S", time.gmtime(eta)), losses,
-               note)
+CONSOLE_KEYS = ("total_loss", "rec_loss", "kl_loss", "quant_loss", "g_loss", "disc_loss")
 
 
 def export_path(workdir: str, config) -> str:

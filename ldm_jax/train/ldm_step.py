@@ -83,13 +83,22 @@ class LDMPrograms:
   ema_decay: float
 
 
-def adamw(optim, lr: float) -> optax.GradientTransformation:
-  """AdamW with torch's defaults unless configured, a linear warm-up from 1e-6 * lr (the
-  reference's LambdaLinearScheduler with f_start 1e-6), optional global-norm clipping."""
+def lr_schedule(optim, lr: float):
+  """The learning rate by step: a linear warm-up from 1e-6 * lr over optim.warmup_steps
+  (the reference's LambdaLinearScheduler with f_start 1e-6), then constant."""
   warmup = int(optim.get("warmup_steps", 0))
-  schedule = (optax.join_schedules([optax.linear_schedule(lr * 1e-6, lr, warmup),
-                                    optax.constant_schedule(lr)], [warmup])
-              if warmup > 0 else lr)
+  if warmup <= 0:
+    return optax.constant_schedule(lr)
+  return optax.join_schedules([optax.linear_schedule(lr * 1e-6, lr, warmup),
+                               optax.constant_schedule(lr)], [warmup])
+
+
+def adamw(optim, lr: float) -> optax.GradientTransformation:
+  """AdamW with torch's defaults unless configured, `lr_schedule`, optional global-norm
+  clipping."""
+  schedule = lr_schedule(optim, lr)
+  if int(optim.get("warmup_steps", 0)) <= 0:
+    schedule = lr  # a constant: the same optimizer state as before schedules were logged
   tx = optax.adamw(schedule, b1=float(optim.get("b1", 0.9)), b2=float(optim.get("b2", 0.999)),
                    eps=float(optim.get("eps", 1e-8)),
                    weight_decay=float(optim.get("weight_decay", 0.01)))

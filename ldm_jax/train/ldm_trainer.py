@@ -13,30 +13,26 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from clu import metric_writers
 from flax import nnx
 
 from ldm_jax.data.latents import latent_iterator
-from ldm_jax.data.pipeline import data_report, skipped_records, train_iterator
+from ldm_jax.data.pipeline import train_iterator
 from ldm_jax.data.sources import check_data
 from ldm_jax.diffusion import samplers
-from ldm_jax.logs import line_notes
-from ldm_jax.train import checkpoint, first_stage, ldm_step
+from ldm_jax.train import first_stage, ldm_step
 from ldm_jax.train import concat as concat_lib
 from ldm_jax.train import mesh as mesh_lib
-from ldm_jax.train import resume
-from ldm_jax.train.guard import NonFiniteError, NonFiniteGuard, guard_settings
+from ldm_jax.train import loop
+from ldm_jax.train.guard import NonFiniteError
 from ldm_jax.train.images import save_grid
 from ldm_jax.train.ldm_setup import build_model, build_programs, condition_spec
 from ldm_jax.train.optim import learning_rate
-from ldm_jax.train.preemption import PreemptionFlag
 
 
 @dataclasses.dataclass
@@ -164,12 +160,14 @@ def grid(images: np.ndarray, columns: int = 4) -> np.ndarray:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) until config.train.num_steps; returns the last logged scalars.
+  """Trains (or resumes) until config.train.num_steps (see `train.loop`); returns the last
+  training scalars and FID / IS."""
+  return loop.train(config, workdir, setup)
 
-  As in the first stage: nothing is written to `workdir` before the config is known to
-  continue its run and everything is loaded; config.json is replaced after the restore.
-  """
-  config = resume.prepare(config, workdir)
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
+  """The LDM stage for the loop: first stage loaded, everything checked, the model
+  initialized; nothing written yet."""
   run = build_run(config, workdir)
   from ldm_jax.eval.generation import training_evaluation  # it imports this module
   evaluation = training_evaluation(run)  # FID / IS; None without eval.inception_weights
@@ -177,98 +175,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   seed = int(config.train.seed)
   state = ldm_step.new_state(build_model(config, run.spec, seed), programs,
                              float(config.first_stage.scale_factor), seed)
-  nonfinite = NonFiniteGuard(ldm_step.GUARDED, *guard_settings(config))
-  os.makedirs(workdir, exist_ok=True)
-  shardings = mesh_lib.state_shardings(run.mesh, state)
-  state = jax.device_put(state, shardings)
-  iterator = _iterator(run)
-  manager = checkpoint.make_manager(workdir, int(config.train.keep_checkpoints))
-  last_saved = manager.latest_step()
-  if last_saved is not None:
-    logging.info("resuming from the checkpoint at step %d", last_saved)
-    state = checkpoint.restore(manager, last_saved, checkpoint.abstract_with_shardings(
-        state, shardings), iterator)
-  resume.write_config(config, workdir)
   logging.info("LDM: %s; learning rate %.3g", ldm_step.describe(programs),
                learning_rate(config.optim, run.global_batch))
 
-  batch_sharding = mesh_lib.batch_sharding(run.mesh)
-  local = next(iterator)
-  fs_state = jax.device_put(run.first_stage_state, mesh_lib.replicated(run.mesh))
-  step = int(jax.device_get(state.step))
-  if step == 0 and config.first_stage.scale_by_std:
-    first = mesh_lib.global_batch(local, batch_sharding)
-    factor = jax.jit(ldm_step.scale_by_std, static_argnums=0)(programs, first, fs_state,
-                                                              state.rng)
-    if not np.isfinite(float(factor)):
-      raise NonFiniteError(f"scale_by_std: the first batch's latents give a non-finite "
-                           f"scale_factor ({float(factor)}); check first_stage.path")
-    state = state.replace(scale_factor=jax.device_put(factor, shardings.scale_factor))
-    logging.info("scale_by_std: scale_factor = %.5f", float(factor))
-  logging.info("latent scale_factor %.5f", float(jax.device_get(state.scale_factor)))
-  train_step = ldm_step.jit_train_step(programs, run.mesh, shardings, local, fs_state)
-  sampler = make_sampler(run)
-  num_samples = int(config.sample.num)
-  sample_fields = sampler_fields(run, {k: np.resize(v, (num_samples,) + v.shape[1:])
-                                       for k, v in local.items()})
+  def start(state, iterator, shardings) -> loop.Started:
+    batch_sharding = mesh_lib.batch_sharding(run.mesh)
+    # The first batch is read now (its fields give the step's input shardings and the
+    # sample grid's conditions) and trained on first: the iterator's position must match
+    # the step's.
+    pending = [next(iterator)]
+    first = pending[0]
+    fs_state = jax.device_put(run.first_stage_state, mesh_lib.replicated(run.mesh))
+    if int(jax.device_get(state.step)) == 0 and config.first_stage.scale_by_std:
+      factor = jax.jit(ldm_step.scale_by_std, static_argnums=0)(
+          programs, mesh_lib.global_batch(first, batch_sharding), fs_state, state.rng)
+      if not np.isfinite(float(factor)):
+        raise NonFiniteError(f"scale_by_std: the first batch's latents give a non-finite "
+                             f"scale_factor ({float(factor)}); check first_stage.path")
+      state = state.replace(scale_factor=jax.device_put(factor, shardings.scale_factor))
+      logging.info("scale_by_std: scale_factor = %.5f", float(factor))
+    logging.info("latent scale_factor %.5f", float(jax.device_get(state.scale_factor)))
+    compiled = ldm_step.jit_train_step(programs, run.mesh, shardings, first, fs_state)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  num_steps = int(config.train.num_steps)
-  preemption = PreemptionFlag()
-  totals, count, t_log = None, 0, time.time()
-  last = {}
-  try:
-    pending = local  # already read: the iterator's position must match the step's
-    while step < num_steps:
-      local, pending = (pending if pending is not None else next(iterator)), None
-      state, metrics = train_step(state, mesh_lib.global_batch(local, batch_sharding),
-                                  fs_state)
-      step += 1
-      nonfinite.add(metrics.pop("guard"))
-      totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
-      count += 1
-      log_due = step % int(config.train.log_every) == 0 or step == num_steps
-      save_due = step % int(config.train.ckpt_every) == 0 or step == num_steps
-      preempted = preemption.requested()
-      if log_due or save_due or preempted:  # the loop syncs here anyway
-        nonfinite.check(step, last_saved)  # raises before a bad state is saved
-      if log_due:
-        scalars = {f"train/{k}": float(v) / count for k, v in jax.device_get(totals).items()}
-        elapsed = time.time() - t_log
-        scalars["train/skipped_nonfinite"] = nonfinite.skipped
-        scalars["data/skipped_records"] = skipped_records()
-        writer.write_scalars(step, scalars)
-        logging.info("step %d/%d | %.2f steps/s | %.1f img/s | loss=%.4f%s", step, num_steps,
-                     count / elapsed, count * run.global_batch / elapsed,
-                     scalars["train/loss"], line_notes(nonfinite.note(), data_report()))
-        last = scalars
-        totals, count, t_log = None, 0, time.time()
-      if step % int(config.sample.every) == 0 or step == num_steps:
-        images = np.asarray(jax.device_get(sampler(state, sample_fields, fs_state,
-                                                   jax.random.key(step), num=num_samples)))
-        shown = preview_images(run, sample_fields, images.shape[1])
-        # With a concat input, its picture sits above each sample.
-        image = (grid(images) if shown is None else
-                 grid(np.concatenate([shown, images]), columns=num_samples))
-        if jax.process_index() == 0:
-          writer.write_images(step, {"samples": image[None]})
-          save_grid(image, os.path.join(workdir, "images", f"samples_{step:07d}.png"))
-      if evaluation is not None and (step % int(config.train.eval_every) == 0
-                                     or step == num_steps):
-        last = {**last, **evaluation(state, step, writer)}
-      saved = False
-      if save_due:
-        saved = checkpoint.save(manager, step, state, iterator)
-        last_saved = step if saved else last_saved
-      if preempted:
-        if not saved:
-          checkpoint.save(manager, step, state, iterator, force=True)
-        manager.wait_until_finished()
-        logging.warning("preempted: checkpoint saved at step %d; rerun the same command to "
-                        "resume", step)
-        return last
-  finally:
-    preemption.restore()
-    manager.wait_until_finished()
-    writer.flush()
-  return last
+    def train_step(state):
+      local = pending.pop() if pending else next(iterator)
+      return compiled(state, mesh_lib.global_batch(local, batch_sharding), fs_state)
+
+    actions = [(int(config.sample.every), SampleGrid(run, first, fs_state, workdir))]
+    if evaluation is not None:
+      actions.append((int(config.train.eval_every), evaluation))
+    return loop.Started(state, train_step, actions)
+
+  lr = learning_rate(config.optim, run.global_batch)
+  schedule = ldm_step.lr_schedule(config.optim, lr)
+  return loop.Stage(
+      name="LDM", mesh=run.mesh, state=state, guarded=ldm_step.GUARDED,
+      make_iterator=lambda: _iterator(run), images_per_step=run.global_batch,
+      learning_rate=lambda step: float(schedule(step)),
+      start=start, console_keys=("loss",))
+
+
+class SampleGrid:
+  """The periodic sample grid: EMA weights, the config's sampler and guidance, conditions
+  read off the first training batch; to TensorBoard and `workdir/images/`."""
+
+  def __init__(self, run: LDMRun, batch: dict, fs_state, workdir: str):
+    self.run, self.fs_state, self.workdir = run, fs_state, workdir
+    self.num = int(run.config.sample.num)
+    self.sampler = make_sampler(run)
+    self.fields = sampler_fields(run, {k: np.resize(v, (self.num,) + v.shape[1:])
+                                       for k, v in batch.items()})
+
+  def __call__(self, state, step: int, writer) -> dict:
+    images = np.asarray(jax.device_get(self.sampler(state, self.fields, self.fs_state,
+                                                    jax.random.key(step), num=self.num)))
+    shown = preview_images(self.run, self.fields, images.shape[1])
+    # With a concat input, its picture sits above each sample.
+    image = (grid(images) if shown is None else
+             grid(np.concatenate([shown, images]), columns=self.num))
+    if jax.process_index() == 0:
+      writer.write_images(step, {"samples": image[None]})
+      save_grid(image, os.path.join(self.workdir, "images", f"samples_{step:07d}.png"))
+    return {}

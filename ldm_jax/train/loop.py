@@ -1,0 +1,161 @@
+"""The one training loop: both stages hand it a `Stage`, it does the rest.
+
+    config -> stage.setup (checks, loads, builds; writes nothing) -> restore -> loop
+           -> checkpoints / metrics / periodic evaluation -> export
+
+What the loop owns, for every stage alike: the workdir checks before anything is written
+(`resume.prepare`), the orbax checkpoint with the data iterator (restore and periodic
+save), the non-finite guard (read at the log interval and before every save), the
+console line with ETA and learning rate, clu's writers and ReportProgress, the profiler's
+step annotation, periodic actions at step 0 and every N steps, SIGTERM (a checkpoint at
+an agreed step, then exit), and the final export. What a stage supplies: its initial
+state and mesh, its data iterator, a step that reads its own batch, its periodic actions
+(validation, sample grids, FID) and its export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from clu import metric_writers, periodic_actions
+
+from ldm_jax.data.pipeline import data_report, skipped_records
+from ldm_jax.logs import line_notes
+from ldm_jax.train import checkpoint, resume
+from ldm_jax.train import mesh as mesh_lib
+from ldm_jax.train.guard import NonFiniteGuard, guard_settings
+from ldm_jax.train.preemption import PreemptionFlag
+
+# (state, step, writer) -> scalars for the run's result (may be empty).
+Action = Callable[[Any, int, Any], dict]
+
+
+@dataclasses.dataclass
+class Started:
+  """What a stage makes once the state is restored (it may depend on it)."""
+
+  state: Any  # the state to train from (scale_by_std may have set the latent scale)
+  train_step: Callable[[Any], tuple[Any, dict]]  # state -> (state, metrics): one update
+  actions: list[tuple[int, Action]]  # (every N steps, action); also at step 0 and the end
+
+
+@dataclasses.dataclass
+class Stage:
+  """A stage's side of the loop, built before anything is written to the workdir."""
+
+  name: str  # for logs: "autoencoder", "LDM"
+  mesh: Any
+  state: Any  # the freshly initialized state (host or device), before any restore
+  guarded: tuple[str, ...]  # the names the step's guard report encodes
+  make_iterator: Callable[[], Any]  # the checkpointed data iterator
+  images_per_step: int  # global images per update, for img/s
+  learning_rate: Callable[[int], float]  # at a step, for the logs
+  start: Callable[[Any, Any, Any], Started]  # (state, iterator, shardings) -> Started
+  console_keys: tuple[str, ...] = ("loss",)  # the metrics the console line shows
+  export: Callable[[Any], Any] | None = None  # at the end, on process 0
+  export_exists: Callable[[], bool] = lambda: True  # else a finished run exports again
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          setup: Callable[[ml_collections.ConfigDict, str], Stage]) -> dict:
+  """Trains (or resumes) `setup`'s stage until config.train.num_steps; returns the last
+  logged and evaluated scalars."""
+  config = resume.prepare(config, workdir)  # refuses another run's workdir, writes nothing
+  stage = setup(config, workdir)  # everything checked and loaded; still nothing written
+  nonfinite = NonFiniteGuard(stage.guarded, *guard_settings(config))
+
+  os.makedirs(workdir, exist_ok=True)
+  shardings = mesh_lib.state_shardings(stage.mesh, stage.state)
+  state = jax.device_put(stage.state, shardings)
+  iterator = stage.make_iterator()
+  manager = checkpoint.make_manager(workdir, int(config.train.keep_checkpoints))
+  last_saved = manager.latest_step()
+  if last_saved is not None:
+    logging.info("resuming from the checkpoint at step %d", last_saved)
+    state = checkpoint.restore(manager, last_saved, checkpoint.abstract_with_shardings(
+        state, shardings), iterator)
+  resume.write_config(config, workdir)  # only now: the restore succeeded
+  started = stage.start(state, iterator, shardings)
+  state = started.state
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  num_steps = int(config.train.num_steps)
+  log_every, ckpt_every = int(config.train.log_every), int(config.train.ckpt_every)
+  progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                             every_steps=log_every)
+  preemption = PreemptionFlag(every=int(config.train.get("preemption_every", 10)))
+  step = first_step = int(jax.device_get(state.step))
+  results: dict = {}
+  totals, count, t_log = None, 0, time.time()
+
+  def run_actions(step: int, final: bool) -> None:
+    for every, action in started.actions:
+      if final or step % every == 0:
+        results.update(action(state, step, writer) or {})
+
+  if step == 0 and config.train.get("eval_at_start", True):
+    run_actions(0, final=False)
+  try:
+    while step < num_steps:
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = started.train_step(state)
+      step += 1
+      nonfinite.add(metrics.pop("guard"))
+      totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
+      count += 1
+      progress(step)
+      final = step == num_steps
+      log_due = final or step % log_every == 0
+      save_due = final or step % ckpt_every == 0
+      preempted = preemption.requested(step)
+      if log_due or save_due or preempted:  # the loop syncs here anyway
+        nonfinite.check(step, last_saved)  # raises before a bad state is saved or exported
+      if log_due:
+        elapsed = time.time() - t_log
+        scalars = {f"train/{k}": float(v) / count for k, v in jax.device_get(totals).items()}
+        scalars.update({"train/learning_rate": stage.learning_rate(step),
+                        "train/skipped_nonfinite": nonfinite.skipped,
+                        "data/skipped_records": skipped_records()})
+        writer.write_scalars(step, scalars)
+        results.update(scalars)
+        _console_line(step, num_steps, count / elapsed, count * stage.images_per_step / elapsed,
+                      scalars, stage.console_keys,
+                      line_notes(nonfinite.note(), data_report()))
+        totals, count, t_log = None, 0, time.time()
+      run_actions(step, final)
+      saved = False
+      if save_due:
+        saved = checkpoint.save(manager, step, state, iterator)
+        last_saved = step if saved else last_saved
+      if preempted:
+        if not saved:
+          checkpoint.save(manager, step, state, iterator, force=True)
+        manager.wait_until_finished()
+        logging.warning("preempted: checkpoint saved at step %d; rerun the same command to "
+                        "resume", step)
+        return results
+  finally:
+    preemption.restore()
+    manager.wait_until_finished()
+    writer.flush()
+  if stage.export is not None and jax.process_index() == 0 and (
+      step > first_step or not stage.export_exists()):
+    stage.export(state)
+  return results
+
+
+def _console_line(step, num_steps, steps_per_s, images_per_s, scalars, keys, notes):
+  eta = (num_steps - step) / max(steps_per_s, 1e-9)
+  losses = " ".join(f"{k}={scalars[f'train/{k}']:.4g}" for k in keys
+                    if f"train/{k}" in scalars)
+  logging.info("step %d/%d | %.2f steps/s | %.1f img/s | ETA %s | lr %.3g | %s%s", step,
+               num_steps, steps_per_s, images_per_s,
+               time.strftime("%H:%M:%S", time.gmtime(eta)), scalars["train/learning_rate"],
+               losses, notes)
