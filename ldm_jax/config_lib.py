@@ -42,7 +42,8 @@ def autoencoder_config(*, kind: str, embed_dim: int, z_channels: int, ch_mult: t
   config.train = dict(num_steps=1_000_000, log_every=100, eval_every=5000, ckpt_every=5000,
                       keep_checkpoints=3, seed=0, decoder_only=False, init_from="",
                       mesh=dict(data=-1, fsdp=1), export_format="diffusers",
-                      eval_examples=64, on_nonfinite="stop", max_nonfinite=100)
+                      eval_examples=64, on_nonfinite="stop", max_nonfinite=100,
+                      eval_at_start=True, preemption_every=10)
   config.eval = dict(inception_weights="", reference_stats="", num_examples=0)
   if arg == "demo":
     _shrink(config, ch=32, image_size=64, batch_size=8)
@@ -127,7 +128,8 @@ def ldm_config(*, first_stage: dict[str, Any], unet: dict[str, Any], diffusion: 
   config.train = dict(num_steps=1_000_000, log_every=100, eval_every=5000, ckpt_every=5000,
                       keep_checkpoints=3, seed=0, mesh=dict(data=-1, fsdp=1),
                       eval_examples=1000,  # FID / IS samples every eval_every; 0 = all
-                      on_nonfinite="stop", max_nonfinite=100)  # see ldm_jax/train/guard.py
+                      on_nonfinite="stop", max_nonfinite=100,  # see ldm_jax/train/guard.py
+                      eval_at_start=True, preemption_every=10)  # see ldm_jax/train/loop.py
   config.eval = dict(inception_weights="", reference_stats="", num_examples=0)
   if arg in ("demo", "tiny"):
     _shrink_ldm(config, tiny=arg == "tiny")

@@ -22,7 +22,7 @@ KNOWN_KEYS = {
               "grad_clip_norm", "ema_decay"},
     "train": {"num_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "seed",
               "decoder_only", "init_from", "mesh", "export_format", "eval_examples",
-              "on_nonfinite", "max_nonfinite"},
+              "on_nonfinite", "max_nonfinite", "eval_at_start", "preemption_every"},
     "eval": set(EVAL_DEFAULTS),  # optional: runs saved before it existed lack the block
 }
 
@@ -46,6 +46,8 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[AutoencoderSpec, Lo
     if config.train[key] < 1:
       raise ValueError(f"train.{key}={config.train[key]} must be >= 1")
   guard.check_policy(*guard.guard_settings(config))
+  if int(config.train.get("preemption_every", 10)) < 1:
+    raise ValueError(f"train.preemption_every={config.train.preemption_every} must be >= 1")
   if config.optim.accumulate_grad_batches < 1:
     raise ValueError("optim.accumulate_grad_batches must be >= 1")
   if config.train.decoder_only and not config.train.init_from:

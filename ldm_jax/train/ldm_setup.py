@@ -48,7 +48,8 @@ KNOWN_KEYS = {
               "weight_decay", "warmup_steps", "grad_clip_norm", "ema_decay"},
     "sample": {"sampler", "steps", "eta", "guidance_scale", "num", "every"},
     "train": {"num_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints",
-              "seed", "mesh", "eval_examples", "on_nonfinite", "max_nonfinite"},
+              "seed", "mesh", "eval_examples", "on_nonfinite", "max_nonfinite",
+              "eval_at_start", "preemption_every"},
     "eval": set(EVAL_DEFAULTS),  # optional: runs saved before it existed lack the block
 }
 
@@ -94,6 +95,8 @@ def check_config(config: ml_collections.ConfigDict):
     raise ValueError(f"data.batch_size={config.data.batch_size} must be >= 1")
   from ldm_jax.train import guard
   guard.check_policy(*guard.guard_settings(config))
+  if int(config.train.get("preemption_every", 10)) < 1:
+    raise ValueError(f"train.preemption_every={config.train.preemption_every} must be >= 1")
   if int(config.optim.get("accumulate_grad_batches", 1)) != 1:
     # The LDM step makes one update per batch; accepting the key would only scale the
     # learning rate (scale_lr) for an accumulation that never happens.

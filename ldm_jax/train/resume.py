@@ -34,6 +34,7 @@ REFUSED = ("stage", "model.", "unet.", "cond.", "loss.", "diffusion.", "data.ima
 HARMLESS = ("train.num_steps", "train.log_every", "train.eval_every", "train.ckpt_every",
             "train.keep_checkpoints", "train.eval_examples", "train.on_nonfinite",
             "train.max_nonfinite", "train.export_format", "train.mesh.", "train.init_from",
+            "train.eval_at_start", "train.preemption_every",
             "eval.", "sample.", "data.read_threads",
             # files that may move between runs (their contents are the user's to keep)
             "first_stage.path", "loss.lpips_weights", "cond.vocab_file")
