@@ -66,7 +66,7 @@ def main(argv):
         lpips_weights=_LPIPS.value, sampler=_SAMPLER.value, steps=_STEPS.value,
         guidance=_GUIDANCE.value)
     if is_ldm(config):
-      from ldm_jax.eval.generation import evaluate_ldm_workdir
+      from ldm_jax.train.ldm_eval import evaluate_ldm_workdir
       from ldm_jax.train.checkpoint import resolve_step
       check_reports(_WORKDIR.value, resolve_step(_WORKDIR.value, _STEP.value))  # before work
       report = evaluate_ldm_workdir(_WORKDIR.value, config, _STEP.value)

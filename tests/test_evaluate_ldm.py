@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent("""
     from ldm_jax.convert import save_autoencoder
     from ldm_jax.convert.files import write_safetensors
     from ldm_jax.data.pipeline import eval_batches
-    from ldm_jax.eval.generation import evaluate_ldm_workdir
+    from ldm_jax.train.ldm_eval import evaluate_ldm_workdir
     from ldm_jax.eval.workdir import apply_overrides, load_run_config
     from ldm_jax.models import inception
     from ldm_jax.models.autoencoder import build_autoencoder
@@ -245,21 +245,21 @@ def _ldm_config(tmp_path):
 
 def test_errors_before_anything_is_built(tmp_path, monkeypatch):
   from ldm_jax.config_lib import autoencoder_config
-  from ldm_jax.eval import generation
+  from ldm_jax.train import ldm_eval
   from ldm_jax.eval.workdir import apply_overrides
   config = _ldm_config(tmp_path)
 
   def fail(*args, **kwargs):
     raise AssertionError("built or compiled before the Inception check")
 
-  monkeypatch.setattr(generation.ldm_trainer, "build_run", fail)
-  monkeypatch.setattr(generation.ldm_trainer, "make_sampler", fail)
+  monkeypatch.setattr(ldm_eval.ldm_trainer, "build_run", fail)
+  monkeypatch.setattr(ldm_eval.ldm_trainer, "make_sampler", fail)
   with pytest.raises(FileNotFoundError,
                      match=r"(?s)No Inception weights file configured.*convert\.inception_weights"):
-    generation.evaluate_ldm_workdir(str(tmp_path), apply_overrides(config))
+    ldm_eval.evaluate_ldm_workdir(str(tmp_path), apply_overrides(config))
   missing = apply_overrides(config, inception_weights=str(tmp_path / "missing.safetensors"))
   with pytest.raises(FileNotFoundError, match=r"(?s)does not exist.*convert\.inception_weights"):
-    generation.evaluate_ldm_workdir(str(tmp_path), missing)
+    ldm_eval.evaluate_ldm_workdir(str(tmp_path), missing)
   # Unknown eval keys, and flags for the other kind of run.
   bad = config.copy_and_resolve_references()
   bad.eval.inception_weight = "x.safetensors"

@@ -127,7 +127,7 @@ def build_model(config: ml_collections.ConfigDict, spec, seed: int):
   from flax import nnx
 
   from ldm_jax.models.conditioners import Conditioner, TextEncoderSpec
-  from ldm_jax.train.ldm_step import LatentDiffusion
+  from ldm_jax.models.ldm import LatentDiffusion
   rngs = nnx.Rngs(seed)
   cond = config.cond
   text, null_tokens = None, None

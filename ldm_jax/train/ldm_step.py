@@ -21,9 +21,7 @@ from flax import nnx, struct
 from ldm_jax.data.latents import sample_latents
 from ldm_jax.diffusion.schedules import Schedule
 from ldm_jax.losses.diffusion import DiffusionLossConfig, diffusion_loss, drop_conditions
-from ldm_jax.models.conditioners import Conditioner
-from ldm_jax.models.layers import Buffer
-from ldm_jax.models.unet import UNetModel, UNetSpec
+from ldm_jax.models.ldm import LatentDiffusion
 from ldm_jax.train import concat as concat_lib
 from ldm_jax.train import first_stage, guard
 from ldm_jax.train import mesh as mesh_lib
@@ -36,27 +34,6 @@ sg = jax.lax.stop_gradient
 # "state": every updated array (parameters, AdamW moments, EMA): a finite gradient can still
 # overflow the second moment.
 GUARDED = ("loss", "grad_norm", "state")
-
-
-class LatentDiffusion(nnx.Module):
-  """The trained part of an LDM: denoiser, condition encoder, per-t log-variance."""
-
-  def __init__(self, unet: UNetSpec, conditioner: Conditioner, timesteps: int, *,
-               learn_logvar: bool, logvar_init: float, rngs: nnx.Rngs):
-    self.unet = UNetModel(unet, rngs=rngs)
-    self.cond = conditioner
-    table = jnp.full((timesteps,), logvar_init, jnp.float32)
-    self.logvar = nnx.Param(table) if learn_logvar else Buffer(table)
-
-  def encode_conditions(self, fields: dict, concat: jax.Array | None = None) -> dict:
-    """What `denoise` is conditioned on: the cross-attention context and the concat input
-    (either may be None). A pytree, so guidance can batch it with the null condition."""
-    return {"context": self.cond(fields), "concat": concat}
-
-  def denoise(self, x_t: jax.Array, t: jax.Array, conditions: dict) -> jax.Array:
-    if conditions["concat"] is not None:
-      x_t = jnp.concatenate([x_t, conditions["concat"].astype(x_t.dtype)], axis=-1)
-    return self.unet(x_t, t, conditions["context"])
 
 
 @struct.dataclass

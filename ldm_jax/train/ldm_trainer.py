@@ -169,7 +169,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
   """The LDM stage for the loop: first stage loaded, everything checked, the model
   initialized; nothing written yet."""
   run = build_run(config, workdir)
-  from ldm_jax.eval.generation import training_evaluation  # it imports this module
+  from ldm_jax.train.ldm_eval import training_evaluation  # it imports this module
   evaluation = training_evaluation(run)  # FID / IS; None without eval.inception_weights
   programs = run.programs
   seed = int(config.train.seed)

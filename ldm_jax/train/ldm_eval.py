@@ -1,0 +1,117 @@
+"""An LDM run's FID / IS: the sample function `eval.generation` takes, the trainer's
+periodic evaluation and the scoring of a workdir's checkpoint (`python -m
+ldm_jax.evaluate` on an LDM run).
+
+Samples come from the run's compiled sampler (`ldm_trainer.make_sampler`: EMA weights, the
+config's `sample.sampler / steps / eta / guidance_scale`), each batch conditioned on what
+`ldm_trainer.sampler_fields` reads off it (inpainting masks drawn from the batch index).
+"""
+
+from __future__ import annotations
+
+import jax
+from absl import logging
+
+from ldm_jax.eval.generation import GenerationEvaluator, is_splits
+from ldm_jax.eval.reconstruction import summary_line
+from ldm_jax.eval.setup import eval_config, eval_networks
+from ldm_jax.train import ldm_trainer
+from ldm_jax.train import mesh as mesh_lib
+
+
+def sample_fn(run: ldm_trainer.LDMRun):
+  """`sample_fn(state, batch, index, key, num)` for `GenerationEvaluator`."""
+  sampler = ldm_trainer.make_sampler(run)
+  sharding = mesh_lib.batch_sharding(run.mesh)
+  first_stage_state = jax.device_put(run.first_stage_state, mesh_lib.replicated(run.mesh))
+
+  def sample(state, batch, index, key, num):
+    fields = mesh_lib.global_batch(ldm_trainer.sampler_fields(run, batch, seed=index),
+                                   sharding)
+    return sampler(state, fields, first_stage_state, key, num=num)
+
+  return sample
+
+
+def evaluator(run: ldm_trainer.LDMRun, inception, reference=None) -> GenerationEvaluator:
+  return GenerationEvaluator(sample_fn(run), run.mesh, mesh_lib.batch_sharding(run.mesh),
+                             inception, reference)
+
+
+def _batches(config, limit: int | None):
+  from ldm_jax.data.pipeline import eval_batches
+  from ldm_jax.train.ldm_setup import condition_spec
+  return eval_batches(config.data, config.data.val_split, batch_size=int(config.data.batch_size),
+                      max_examples=limit, conditions=condition_spec(config))
+
+
+class TrainingEvaluation:
+  """FID / IS on `train.eval_examples` validation examples, for the LDM trainer; built
+  before anything compiles, so a missing Inception file or split stops the run first."""
+
+  def __init__(self, run: ldm_trainer.LDMRun):
+    from ldm_jax.eval.workdir import num_images
+    config = run.config
+    inception, reference = eval_networks(config, required=True)
+    self.limit = int(config.train.eval_examples) or None
+    _batches(config, self.limit)  # a bad data config raises here
+    if num_images(config.data, config.data.val_split, self.limit) < 2:
+      raise ValueError(f"FID during training needs at least 2 examples of the validation "
+                       f"split {config.data.val_split!r} (train.eval_examples)")
+    self.config = config
+    self.evaluator = evaluator(run, inception, reference)
+
+  def __call__(self, state, step: int, writer) -> dict[str, float]:
+    out = self.evaluator.evaluate(state, _batches(self.config, self.limit))
+    scalars = {f"eval/{k}": v for k, v in out.metrics.items() if k != "num_examples"}
+    writer.write_scalars(step, scalars)
+    logging.info("samples at step %d: %s", step, summary_line(out.metrics))
+    return scalars
+
+
+def training_evaluation(run: ldm_trainer.LDMRun) -> TrainingEvaluation | None:
+  """The trainer's FID / IS hook; None when `eval.inception_weights` is not set."""
+  if not eval_config(run.config).inception_weights:
+    return None
+  return TrainingEvaluation(run)
+
+
+def evaluate_ldm_workdir(workdir: str, config, step: int | None = None) -> dict:
+  """Scores an LDM workdir's checkpoint under `config` (its config.json with
+  `workdir.apply_overrides`); writes the reports; returns them."""
+  import tqdm
+
+  from ldm_jax.eval.workdir import make_report, num_images, publish
+  from ldm_jax.train import checkpoint
+  from ldm_jax.train.ldm_setup import abstract_state
+
+  # Without the network there is nothing to report: fail before building anything.
+  inception, reference = eval_networks(config, required=True)
+  run = ldm_trainer.build_run(config, workdir, check_training_data=False)
+  abstract = abstract_state(config, run.spec, run.programs)
+  target = checkpoint.abstract_with_shardings(abstract,
+                                              mesh_lib.state_shardings(run.mesh, abstract))
+  state, step = checkpoint.restore_state_only(workdir, target, step)
+  split = config.data.val_split
+  limit = int(config.eval.num_examples) or None
+  batches = _batches(config, limit)
+  total = num_images(config.data, split, limit)
+  sample = config.sample
+  logging.info("evaluating step %d: %d samples (%s, %d steps, guidance %g), one per example "
+               "of %r, against %s", step, total, sample.sampler, sample.steps,
+               sample.guidance_scale, split,
+               config.eval.reference_stats or "the real images of the same examples")
+  scorer = evaluator(run, inception, reference)
+  bar = tqdm.tqdm(total=total, unit="img", desc="sample + score",
+                  disable=jax.process_index() > 0)
+  with bar:
+    out = scorer.evaluate(state, batches, progress=bar.update)
+  metrics = out.metrics
+  logging.info("step %d: %s", step, summary_line(metrics))
+  report = make_report(
+      step, split, metrics, state.ema is not None, config, sampler=sample.sampler,
+      steps=int(sample.steps), eta=float(sample.eta), guidance=float(sample.guidance_scale),
+      is_splits=is_splits(metrics["num_examples"]), seed=scorer.seed,
+      batch_size=run.global_batch)
+  publish(workdir, report)
+  return report
