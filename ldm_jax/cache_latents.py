@@ -27,6 +27,8 @@ flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
+  from ldm_jax.fs import configure_storage
+  configure_storage()  # gs:// (and a GCS emulator) for every storage library: see ldm_jax.fs
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console_logging()

@@ -41,9 +41,10 @@ def autoencoder_config(*, kind: str, embed_dim: int, z_channels: int, ch_mult: t
                      image_key="image", max_aspect_ratio=4.0, max_image_pixels=89_478_485)
   config.train = dict(num_steps=1_000_000, log_every=100, eval_every=5000, ckpt_every=5000,
                       keep_checkpoints=3, seed=0, decoder_only=False, init_from="",
-                      mesh=dict(data=-1, fsdp=1), export_format="diffusers",
+                      mesh=dict(data=-1, fsdp=1, dcn_data=1), export_format="diffusers",
                       eval_examples=64, on_nonfinite="stop", max_nonfinite=100,
-                      eval_at_start=True, preemption_every=10)
+                      eval_at_start=True, preemption_every=10,
+                      sharding_rules=(), max_unsharded_fraction=0.1)  # see train/mesh.py
   config.eval = dict(inception_weights="", reference_stats="", num_examples=0)
   if arg == "demo":
     _shrink(config, ch=32, image_size=64, batch_size=8)
@@ -126,10 +127,11 @@ def ldm_config(*, first_stage: dict[str, Any], unet: dict[str, Any], diffusion: 
   config.sample = dict(sampler="ddim", steps=50, eta=0.0, guidance_scale=1.0, num=16,
                        every=5000)
   config.train = dict(num_steps=1_000_000, log_every=100, eval_every=5000, ckpt_every=5000,
-                      keep_checkpoints=3, seed=0, mesh=dict(data=-1, fsdp=1),
+                      keep_checkpoints=3, seed=0, mesh=dict(data=-1, fsdp=1, dcn_data=1),
                       eval_examples=1000,  # FID / IS samples every eval_every; 0 = all
                       on_nonfinite="stop", max_nonfinite=100,  # see ldm_jax/train/guard.py
-                      eval_at_start=True, preemption_every=10)  # see ldm_jax/train/loop.py
+                      eval_at_start=True, preemption_every=10,  # see ldm_jax/train/loop.py
+                      sharding_rules=(), max_unsharded_fraction=0.1)  # see train/mesh.py
   config.eval = dict(inception_weights="", reference_stats="", num_examples=0)
   if arg in ("demo", "tiny"):
     _shrink_ldm(config, tiny=arg == "tiny")

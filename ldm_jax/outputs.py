@@ -29,14 +29,28 @@ Replacing is atomic: the new output is written to a temporary sibling
 replaces is moved aside first and deleted only after the new one is in place. Any exception
 removes the temporary; temporaries left by a killed process are removed by the next write
 of the same target (only those of this host whose process is gone).
+
+gs:// targets (any URL) follow the same rules through ldm_jax.fs. The body writes to a
+local staging path, so every writer (safetensors, PIL, ArrayRecord) works unchanged; then
+a file is uploaded in one request, which GCS makes visible only when complete: a reader
+sees the old file or the new one. GCS cannot rename a folder, so a folder is published
+through a temporary sibling folder (the same `.NAME.ldm_jax-tmp-HOST-PID-XXXX`):
+`NAME/` is uploaded there first; an output it replaces is copied to `.previous/`,
+`.previous-done` is written, and only then is the old one deleted (its marker first) and
+the new one copied into place, its marker last, so a folder with a marker is complete.
+The old output survives until the new one is complete: a process killed on the way
+leaves the temporary, and the next write of the target puts the old output back (or, if
+the target was absent, removes the partial copy) before going on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import tempfile
@@ -45,10 +59,14 @@ from typing import Any, Iterator
 
 from absl import logging
 
+from ldm_jax import fs
+
 MARKER_KEY = "ldm_jax_output"
 MARKER_FILE = ".ldm_jax_output.json"
 _TMP_TAG = ".ldm_jax-tmp-"
 _PREVIOUS = ".previous"  # inside a temporary: the output being replaced, until the swap
+_PREVIOUS_DONE = ".previous-done"  # remote: .previous is complete, the old one may go
+_FRESH = ".fresh"  # remote: the target was absent when the new one was copied into place
 
 AUTOENCODER = "autoencoder"  # diffusers folder or CompVis .safetensors (convert.autoencoder)
 UNET = "unet"  # diffusers folder or CompVis .safetensors (convert.unet)
@@ -87,12 +105,12 @@ def _is_temp(name: str) -> bool:
 
 def _entries(folder: Path) -> set[str]:
   """A folder's top-level names, without ldm_jax's own temporaries."""
-  return {n for n in os.listdir(folder) if not _is_temp(n)}
+  return {n for n in fs.listdir(folder) if not _is_temp(n)}
 
 
 def _folder_marker(folder: Path) -> dict | None:
   try:
-    marker = json.loads((folder / MARKER_FILE).read_text())
+    marker = json.loads((fs.path(folder) / MARKER_FILE).read_text())
   except (OSError, ValueError):
     return None
   return marker if isinstance(marker, dict) and marker.get(MARKER_KEY) in KINDS else None
@@ -102,7 +120,7 @@ def _sniff(path: Path) -> tuple[str | None, Any]:
   """(format, parsed head) of an existing file by its content, not its name; format None
   for formats without a marker (or unreadable files)."""
   try:
-    with open(path, "rb") as f:
+    with fs.open(path, "rb") as f:
       head = f.read(8)
       if head.startswith(b"\x89PNG"):
         return "png", None
@@ -116,7 +134,7 @@ def _sniff(path: Path) -> tuple[str | None, Any]:
           header = json.loads(body)
           metadata = header.get("__metadata__") if isinstance(header, dict) else None
           return "safetensors", metadata if isinstance(metadata, dict) else {}
-      if head.lstrip().startswith(b"{") and os.path.getsize(path) < 50_000_000:
+      if head.lstrip().startswith(b"{") and fs.getsize(path) < 50_000_000:
         f.seek(0)
         return "json", json.loads(f.read())
   except (OSError, ValueError, UnicodeDecodeError):
@@ -136,11 +154,11 @@ def _file_marker(path: Path) -> tuple[str | None, str | None]:
       kind = m and m[1]
     elif fmt == "png":
       from PIL import Image
-      with Image.open(path) as image:
+      with fs.open(path, "rb") as handle, Image.open(handle) as image:
         kind = image.info.get(MARKER_KEY)
     elif fmt == "npz":
       import numpy as np
-      with np.load(path, allow_pickle=False) as f:
+      with fs.open(path, "rb") as handle, np.load(handle, allow_pickle=False) as f:
         kind = str(f[MARKER_KEY]) if MARKER_KEY in f.files else None
   except Exception:  # pylint: disable=broad-except  # an unreadable file carries no marker
     kind = None
@@ -149,7 +167,7 @@ def _file_marker(path: Path) -> tuple[str | None, str | None]:
 
 def output_kind(path: str | os.PathLike) -> str | None:
   """The kind of output ldm_jax wrote at `path` (its marker), or None."""
-  path = Path(path)
+  path = fs.path(path)
   if path.is_dir():
     marker = _folder_marker(path)
     return marker[MARKER_KEY] if marker else None
@@ -208,7 +226,7 @@ def _legacy(path: Path, kind: str) -> bool:
     return isinstance(parsed, dict) and {"step", "metrics", "split", "weights"} <= set(parsed)
   if kind == EVAL_REPORT and path.suffix == ".md":
     try:
-      with open(path, encoding="utf-8") as f:
+      with fs.open(path, "r", encoding="utf-8") as f:
         first = f.readline(400)
     except (OSError, UnicodeDecodeError):
       return False
@@ -216,7 +234,7 @@ def _legacy(path: Path, kind: str) -> bool:
   if kind == REFERENCE_STATS and fmt == "npz":
     import numpy as np
     try:
-      with np.load(path, allow_pickle=False) as f:
+      with fs.open(path, "rb") as handle, np.load(handle, allow_pickle=False) as f:
         return set(f.files) == {"mu", "sigma", "num_examples"}  # what save_stats wrote
     except Exception:  # pylint: disable=broad-except
       return False
@@ -234,8 +252,8 @@ def _is_training_dir(folder: Path) -> bool:
 def _training_dir_below(folder: Path, depth: int = 3) -> Path | None:
   """A training workdir inside `folder` (a few levels deep), which --overwrite must not
   delete either."""
-  for root, dirs, _ in os.walk(folder):
-    root_path = Path(root)
+  for root, dirs, _ in fs.walk(folder):
+    root_path = fs.path(root)
     if _is_training_dir(root_path):
       return root_path
     if len(root_path.relative_to(folder).parts) >= depth:
@@ -249,7 +267,14 @@ def _describe(names: set[str]) -> str:
   return ", ".join(shown) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
+def _lexists(path) -> bool:
+  return fs.exists(path) if fs.is_remote(path) else os.path.lexists(path)
+
+
 def _check_creatable(path: Path) -> None:
+  if fs.is_remote(path):
+    _check_creatable_remote(path)
+    return
   ancestor = path.parent
   while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
     ancestor = ancestor.parent
@@ -259,18 +284,32 @@ def _check_creatable(path: Path) -> None:
     raise OutputError(f"cannot create {path}: no permission to write in {ancestor}")
 
 
+def _check_creatable_remote(path) -> None:
+  """The bucket exists and no ancestor is a file (permissions show only when writing)."""
+  bucket = fs.bucket(path)
+  if not fs.exists(bucket):
+    raise OutputError(f"cannot create {path}: the bucket {bucket} does not exist (or these "
+                      "credentials cannot see it)")
+  ancestor = path.parent
+  while len(os.fspath(ancestor)) > len(bucket):
+    if fs.isfile(ancestor):
+      raise OutputError(f"cannot create {path}: {ancestor} is a file, not a folder")
+    ancestor = ancestor.parent
+
+
 def check_target(path: str | os.PathLike, kind: str, *, overwrite: bool = False) -> Path:
   """Raises OutputError unless a `kind` output may be written at `path` (see the module
-  docstring); returns it as a Path. Reads only: call it before any expensive work."""
+  docstring); returns it as a Path. Reads only: call it before any expensive work. (On
+  gs:// it first repairs a replacement that a killed ldm_jax process of this host left
+  half done, as the next write would: locally such a state cannot be seen, a rename being
+  atomic; on GCS the target would look half foreign.)"""
   if kind not in KINDS:
     raise ValueError(f"unknown output kind {kind!r}; one of {', '.join(KINDS)}")
-  text = os.fspath(path)
-  if "://" in text:
-    raise OutputError(f"{text}: outputs are written to local paths only; write to a local "
-                      "path and copy it (e.g. gsutil cp -r)")
-  path = Path(text)
+  path = fs.path(path)
+  if fs.is_remote(path):
+    _remove_stale(path)
   label = _a(kind)
-  if not os.path.lexists(path):
+  if not _lexists(path):
     _check_creatable(path)
     return path
   if path.is_dir():
@@ -314,7 +353,7 @@ def check_target(path: str | os.PathLike, kind: str, *, overwrite: bool = False)
     if not (ours or _legacy(path, kind) or overwrite):
       what = f"an ldm_jax {KINDS[found]}" if found else "a file ldm_jax did not write"
       raise OutputError(f"{path} already exists and is {what}, not {label}: {_fix()}")
-  if not os.access(path.parent, os.W_OK | os.X_OK):
+  if not fs.is_remote(path) and not os.access(path.parent, os.W_OK | os.X_OK):
     raise OutputError(f"cannot replace {path}: no permission to write in {path.parent}")
   return path
 
@@ -346,6 +385,9 @@ def _remove_stale(path: Path) -> None:
   """Removes temporaries of `path` left by killed processes of this host; puts back an
   output that was moved aside when the process died mid-swap."""
   host = _owner().rsplit("-", 1)[0]
+  if fs.is_remote(path):
+    _remove_stale_remote(path, host)
+    return
   try:
     siblings = list(path.parent.iterdir())
   except OSError:
@@ -362,10 +404,85 @@ def _remove_stale(path: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _complete_remote(path) -> bool:
+  """A remote output every byte of which is in place: a file (uploads are atomic) or a
+  folder whose marker (copied last) is there."""
+  return fs.isfile(path) or _folder_marker(path) is not None
+
+
+def _remove_stale_remote(path, host: str) -> None:
+  """`_remove_stale` for a remote target, following the protocol of `_publish_remote`."""
+  pattern = fs.join(os.fspath(path.parent), f".{glob.escape(path.name)}{_TMP_TAG}*")
+  try:
+    siblings = fs.glob(pattern, folders=True)
+  except OSError:
+    return
+  target = os.fspath(path)
+  for tmp in siblings:
+    m = _TEMP.match(tmp.rstrip("/").rsplit("/", 1)[-1])
+    if not m or m["name"] != path.name or m["host"] != host or _alive(int(m["pid"])):
+      continue
+    previous = fs.join(tmp, _PREVIOUS)
+    if fs.exists(fs.join(tmp, _PREVIOUS_DONE)) and not _complete_remote(target):
+      _delete_remote(target)
+      fs.copy(previous, target, last=(MARKER_FILE,))
+      logging.warning("restored %s, moved aside by a process that died replacing it", path)
+    elif fs.exists(fs.join(tmp, _FRESH)) and _lexists(target) and not _complete_remote(target):
+      _delete_remote(target)  # a partial copy of an output that never completed
+    logging.info("removing %s, left by a process that died writing %s", tmp, path)
+    fs.rmtree(tmp, ignore_errors=True)
+
+
+def _delete_remote(target: str) -> None:
+  """Deletes a remote output, a folder's marker first: from then on it reads as
+  incomplete, never as whole."""
+  if fs.isdir(target):
+    marker = fs.join(target, MARKER_FILE)
+    if fs.exists(marker):
+      fs.remove(marker)
+    fs.rmtree(target)
+  elif fs.exists(target):
+    fs.remove(target)
+
+
+def _publish_remote(staged: Path, path) -> None:
+  """Puts the complete local output `staged` at the remote `path` (see the module
+  docstring): a file over a file (or nothing) in one upload, anything else through a
+  temporary sibling folder, the old output kept until the new one is complete."""
+  target = os.fspath(path)
+  if not staged.is_dir() and not fs.isdir(target):
+    fs.copy(staged, target)  # one upload: the object appears complete, or not at all
+    return
+  container = fs.join(os.fspath(path.parent),
+                      f".{path.name}{_TMP_TAG}{_owner()}-{secrets.token_hex(4)}")
+  new, previous = fs.join(container, path.name), fs.join(container, _PREVIOUS)
+  try:
+    fs.copy(staged, new, last=(MARKER_FILE,))
+    moved = fs.exists(target)
+    if moved:
+      fs.copy(target, previous, last=(MARKER_FILE,))
+      fs.write_text(fs.join(container, _PREVIOUS_DONE), "")
+      _delete_remote(target)
+    else:
+      fs.write_text(fs.join(container, _FRESH), "")
+    try:
+      fs.copy(new, target, last=(MARKER_FILE,))
+    except BaseException:
+      _delete_remote(target)
+      if moved:
+        fs.copy(previous, target, last=(MARKER_FILE,))
+      raise
+  finally:
+    fs.rmtree(container, ignore_errors=True)
+
+
 def _write_marker(folder: Path, kind: str, files: list[str] | None) -> None:
   marker: dict[str, Any] = {MARKER_KEY: kind}
   if files is not None:
     marker["files"] = sorted(files)
+  if fs.is_remote(folder):  # one object written whole: atomic on GCS
+    fs.write_text(fs.join(os.fspath(folder), MARKER_FILE), json.dumps(marker) + "\n")
+    return
   tmp = folder / f".{MARKER_FILE}{_TMP_TAG}{_owner()}-x"
   tmp.write_text(json.dumps(marker) + "\n")
   os.replace(tmp, folder / MARKER_FILE)
@@ -413,6 +530,10 @@ def atomic_path(path: str | os.PathLike, kind: str, *, overwrite: bool = False
   an OSError naming the temporary is re-raised as an OutputError naming `path`.
   """
   path = check_target(path, kind, overwrite=overwrite)
+  if fs.is_remote(path):
+    with _atomic_remote(path, kind) as tmp:
+      yield tmp
+    return
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
   except OSError as e:
@@ -438,13 +559,36 @@ def atomic_path(path: str | os.PathLike, kind: str, *, overwrite: bool = False
     shutil.rmtree(container, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _atomic_remote(path, kind: str) -> Iterator[Path]:
+  """atomic_path for a remote `path` (checked, and so repaired, by check_target): the
+  body writes to a local staging path."""
+  staging = Path(tempfile.mkdtemp(prefix=f"ldm_jax-staging-{path.name}-"))
+  tmp = staging / path.name
+  try:
+    try:
+      yield tmp
+      _check_written(tmp, path, kind)
+      _publish_remote(tmp, path)
+    except OSError as e:
+      names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+      if any(n.startswith(str(staging)) for n in names):
+        raise OutputError(f"could not write {path}: {e.strerror or e}") from e
+      raise
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def prepare_directory(path: str | os.PathLike, kind: str, *, overwrite: bool = False) -> Path:
   """A folder filled piece by piece (each piece through `atomic_path`), possibly by many
   processes: checked, created and marked once; an existing one of the same kind is reused
   as it is. With overwrite=True a foreign folder is written into, never emptied."""
   path = check_target(path, kind, overwrite=overwrite)
   try:
-    path.mkdir(parents=True, exist_ok=True)
+    if fs.is_remote(path):
+      fs.makedirs(path)
+    else:
+      path.mkdir(parents=True, exist_ok=True)
     marker = _folder_marker(path)
     if not marker or marker[MARKER_KEY] != kind or "files" in marker:
       _write_marker(path, kind, None)

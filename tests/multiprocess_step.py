@@ -38,7 +38,7 @@ def main():
   shardings = mesh_lib.state_shardings(mesh, state)
   state = jax.device_put(state, shardings)
   sharding = mesh_lib.batch_sharding(mesh, leading_dims=1)
-  step = step_lib.jit_train_step(programs, mesh, shardings)
+  step = step_lib.jit_train_step(programs, mesh_lib.Layout(mesh), shardings)
   rng = np.random.default_rng(0)
   images = np.clip(rng.normal(0, 0.5, (3, 1, 4, 32, 32, 3)), -1, 1).astype(np.float32)
   per_process = 4 // jax.process_count()

@@ -174,8 +174,7 @@ def test_foreign_files_are_kept(tmp_path):
   assert np.asarray(Image.open(grid)).max() == 2
   assert outputs.output_kind(grid) == outputs.SAMPLES
   for path, message in ((tmp_path, "is a folder"), (tmp_path / "a.jpg", "ending in .png"),
-                        (photo / "x.png", "is a file, not a folder"),
-                        ("gs://bucket/x.png", "local paths only")):
+                        (photo / "x.png", "is a file, not a folder")):
     with pytest.raises(OutputError, match=message):
       check_grid_path(str(path))
 

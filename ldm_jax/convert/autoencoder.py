@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ldm_jax import outputs
+from ldm_jax import fs, outputs
 from ldm_jax.convert import keymaps
 from ldm_jax.convert.files import (DIFFUSERS_WEIGHTS, WeightFileError, read_safetensors_metadata,
                                    read_tensors, strip_nesting, write_diffusers_folder,
@@ -38,8 +38,9 @@ class AutoencoderWeights:
 
 
 def read_autoencoder_weights(path: str | os.PathLike) -> AutoencoderWeights:
-  """Reads any accepted source: a diffusers folder, a .safetensors or a torch checkpoint."""
-  path = Path(path)
+  """Reads any accepted source: a diffusers folder, a .safetensors or a torch checkpoint,
+  local or gs:// (ldm_jax.fs)."""
+  path = fs.path(path)
   resolution, spec = None, None
   if path.is_dir():
     folder = path / "vae" if (path / "vae" / DIFFUSERS_WEIGHTS).is_file() else path

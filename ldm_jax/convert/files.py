@@ -3,7 +3,9 @@
 safetensors is the exchange format. A pickled `.ckpt`/`.pt`/`.pth`/`.bin` is read only with
 `torch.load(weights_only=True)`, never unpickled blindly. Writes go through
 `ldm_jax.outputs`: atomic (a file or folder appears complete under its final name, or not
-at all), marked as ldm_jax's, and never over something ldm_jax did not write.
+at all), marked as ldm_jax's, and never over something ldm_jax did not write. Paths may
+be local or gs:// (ldm_jax.fs): a remote file is downloaded to a temporary local copy
+for reading (safetensors memory-maps it, torch.load wants a file).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_jax import outputs
+from ldm_jax import fs, outputs
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -29,13 +31,15 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
   A Lightning checkpoint's `state_dict` nesting is removed.
   """
-  path = Path(path)
-  if not path.is_file():
+  path = fs.path(path)
+  if not fs.isfile(path):
     raise WeightFileError(f"no weight file at {path}")
   if path.suffix == ".safetensors":
-    tensors = _read_safetensors(path)
+    with fs.local_file(path) as local:
+      tensors = _read_safetensors(Path(local), path)
   elif path.suffix in PICKLE_SUFFIXES:
-    tensors = _read_torch(path)
+    with fs.local_file(path) as local:
+      tensors = _read_torch(Path(local), path)
   else:
     raise WeightFileError(f"{path}: unknown weight file type {path.suffix!r}; expected "
                           f".safetensors or one of {', '.join(PICKLE_SUFFIXES)}")
@@ -45,38 +49,54 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+  if fs.is_remote(path):
+    return _remote_safetensors_metadata(os.fspath(path))
   from safetensors import safe_open
   with safe_open(str(path), framework="numpy") as f:
     return dict(f.metadata() or {})
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+def _remote_safetensors_metadata(path: str) -> dict[str, str]:
+  """The header's __metadata__, read without fetching the tensors: 8 bytes of header
+  length (little endian), then the JSON header."""
+  with fs.open(path, "rb") as f:
+    size = int.from_bytes(f.read(8), "little")
+    if not 0 < size < 100_000_000:
+      raise WeightFileError(f"{path} is not a safetensors file (header size {size})")
+    header = json.loads(f.read(size))
+  metadata = header.get("__metadata__") if isinstance(header, dict) else None
+  return dict(metadata or {})
+
+
+def _read_safetensors(path: Path, shown=None) -> dict[str, np.ndarray]:
+  """`shown`: the name in errors (the gs:// URL of a downloaded copy)."""
   from safetensors import SafetensorError, safe_open
   try:
     with safe_open(str(path), framework="flax") as f:  # flax: bfloat16 reads too
       return {k: _as_numpy(np.asarray(f.get_tensor(k))) for k in f.keys()}
   except (SafetensorError, OSError, ValueError) as err:
-    raise WeightFileError(f"{path} is not a readable safetensors file (truncated, corrupt, "
-                          f"or another format renamed?): {err}") from err
+    raise WeightFileError(f"{shown or path} is not a readable safetensors file (truncated, "
+                          f"corrupt, or another format renamed?): {err}") from err
 
 
-def _read_torch(path: Path) -> dict[str, np.ndarray]:
+def _read_torch(path: Path, shown=None) -> dict[str, np.ndarray]:
+  shown = shown or path
   try:
     import torch
   except ImportError as err:
     raise WeightFileError(
-        f"reading {path.name} needs PyTorch (pip install torch==2.13.0); or convert it to "
+        f"reading {shown.name} needs PyTorch (pip install torch==2.13.0); or convert it to "
         "safetensors elsewhere") from err
   try:
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
   except Exception as err:  # torch raises many types for bad pickles
     raise WeightFileError(
-        f"{path} could not be read with torch.load(weights_only=True) (truncated or not a "
+        f"{shown} could not be read with torch.load(weights_only=True) (truncated or not a "
         f"PyTorch checkpoint, or it holds arbitrary Python objects): {err}") from err
   if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
     obj = obj["state_dict"]
   if not isinstance(obj, dict):
-    raise WeightFileError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    raise WeightFileError(f"{shown} holds a {type(obj).__name__}, not a state dict")
   out = {}
   for key, value in obj.items():
     if isinstance(value, torch.Tensor):

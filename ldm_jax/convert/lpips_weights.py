@@ -25,7 +25,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ldm_jax import outputs
+from ldm_jax import fs, outputs
 from ldm_jax.convert.files import write_safetensors
 from ldm_jax.models.lpips import torch_shapes
 
@@ -36,10 +36,11 @@ def _load_pth(path: str) -> dict[str, np.ndarray]:
   except ImportError as e:
     raise ImportError("Converting LPIPS weights reads PyTorch .pth files and needs torch "
                       "(CPU is enough): pip install torch") from e
-  if not os.path.exists(path):
+  if not fs.exists(path):
     raise FileNotFoundError(f"{path} does not exist (see `python -m "
                             "ldm_jax.convert.lpips_weights --help` for where to get it)")
-  state = torch.load(path, map_location="cpu", weights_only=True)
+  with fs.local_file(path) as local:  # gs:// too
+    state = torch.load(local, map_location="cpu", weights_only=True)
   if isinstance(state, Mapping) and "state_dict" in state:
     state = state["state_dict"]
   if not isinstance(state, Mapping):

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ldm_jax import outputs
+from ldm_jax import fs, outputs
 from ldm_jax.convert.files import (DIFFUSERS_WEIGHTS, WeightFileError, read_safetensors_metadata,
                                    read_tensors, strip_nesting, write_diffusers_folder,
                                    write_safetensors)
@@ -349,9 +349,9 @@ def load_unet(path: str | os.PathLike, spec: UNetSpec | Any = None, *,
   `spec` (a UNetSpec, or a config's `unet` block) may be omitted for diffusers folders and
   for files ldm_jax wrote; for other CompVis files the architecture is read from the
   weights, except the head split, which they do not record: pass num_heads= or
-  num_head_channels= (the CompVis config's values) instead.
+  num_head_channels= (the CompVis config's values) instead. `path` may be gs://.
   """
-  path = Path(path)
+  path = fs.path(path)
   if spec is not None and not isinstance(spec, UNetSpec):
     spec = UNetSpec.from_config(spec)
   if path.is_dir():

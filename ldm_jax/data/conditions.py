@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ldm_jax import fs
+
 FIELDS = ("label", "tokens")
 
 
@@ -46,8 +48,8 @@ class FieldReader:
     self.folder_root = folder_root
     self.classes: Sequence[str] = ()
     if folder_root is not None and "label" in spec.fields:
-      self.classes = sorted(d for d in os.listdir(folder_root)
-                            if os.path.isdir(os.path.join(folder_root, d))
+      self.classes = sorted(d for d in fs.listdir(folder_root)
+                            if fs.isdir(fs.join(folder_root, d))
                             and not d.startswith("."))
       if not self.classes:
         raise ValueError(f"class labels from an image folder need one subfolder per class "
@@ -76,7 +78,8 @@ class FieldReader:
                        f"set data.label_key")
       return int(record[self.spec.label_key])
     if isinstance(record, (str, os.PathLike)) and self.folder_root is not None:
-      first = os.path.relpath(record, self.folder_root).split(os.sep)[0]
+      sep = "/" if fs.is_remote(record) else os.sep
+      first = fs.relpath(record, self.folder_root).split(sep)[0]
       if first not in self.classes:
         raise ValueError(f"{record} is not inside a class subfolder of {self.folder_root}")
       return self.classes.index(first)
@@ -90,9 +93,8 @@ class FieldReader:
       text = record[self.spec.caption_key]
       return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
     if isinstance(record, (str, os.PathLike)):
-      sidecar = os.path.splitext(record)[0] + ".txt"
-      if os.path.isfile(sidecar):
-        with open(sidecar, encoding="utf-8", errors="replace") as f:
-          return f.read().strip()
+      sidecar = os.path.splitext(os.fspath(record))[0] + ".txt"
+      if fs.isfile(sidecar):  # local or gs://
+        return fs.read_bytes(sidecar).decode("utf-8", "replace").strip()
       return ""
     raise TypeError(f"cannot read a caption from a {type(record).__name__} record")

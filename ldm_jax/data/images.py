@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ldm_jax import fs
+
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 # Why a record is skipped; the pipeline counts each reason.
@@ -77,8 +79,7 @@ def open_image(record: Any, image_key: str = "image") -> Image.Image:
     pixels = record[..., 0] if record.ndim == 3 and record.shape[-1] == 1 else record
     return Image.fromarray(np.ascontiguousarray(pixels))
   if isinstance(record, (str, os.PathLike)):
-    with open(record, "rb") as f:  # read whole, so no file handle outlives the call
-      record = f.read()
+    record = fs.read_bytes(record)  # read whole (local or gs://): no handle outlives the call
   if isinstance(record, (bytes, bytearray, memoryview)):
     return Image.open(io.BytesIO(record))
   raise TypeError(f"cannot read an image from a record of type {type(record).__name__}")

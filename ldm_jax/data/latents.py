@@ -11,13 +11,12 @@ record a msgpack dict of arrays (flax.serialization). The folder is marked as a 
 cache when first used (ldm_jax.outputs; a folder holding anything else is refused unless
 overwrite=True, and then only same-named shards are replaced) and reused after; every
 shard is written to a temporary name and renamed when complete, so a crash never leaves a
-truncated shard.
+truncated shard. DIR may be gs://: a shard is written locally, then uploaded in one piece
+(ldm_jax.outputs), and read back by array_record directly from GCS.
 """
 
 from __future__ import annotations
 
-import glob
-import os
 from typing import Iterator
 
 import grain
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from ldm_jax import outputs
+from ldm_jax import fs, outputs
 from ldm_jax.data.conditions import ConditionSpec
 from ldm_jax.data.pipeline import eval_batches
 from ldm_jax.models.distributions import DiagonalGaussian
@@ -50,7 +49,7 @@ def sample_latents(batch: dict, key: jax.Array) -> jax.Array:
 
 
 def shard_path(directory: str, split: str, process: int, count: int) -> str:
-  return os.path.join(directory, f"{split}-{process:05d}-of-{count:05d}.array_record")
+  return fs.join(directory, f"{split}-{process:05d}-of-{count:05d}.array_record")
 
 
 def check_cache_dir(directory: str, *, overwrite: bool = False) -> None:
@@ -90,13 +89,13 @@ def write_cache(model, data_config, split: str, directory: str, *, batch_size: i
     finally:
       writer.close()
   if not written:
-    os.remove(path)
+    fs.remove(path)
     raise ValueError(f"no decodable images in split {split!r}; nothing cached")
   return written
 
 
 def cache_files(directory: str, split: str) -> list[str]:
-  files = sorted(glob.glob(os.path.join(directory, f"{split}-*-of-*.array_record")))
+  files = fs.glob(fs.join(directory, f"{split}-*-of-*.array_record"))
   if not files:
     raise FileNotFoundError(f"no latent cache for split {split!r} in {directory!r}; make it "
                             f"with `python -m ldm_jax.cache_latents --config=... "

@@ -31,12 +31,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import glob
 import hashlib
 import logging
 import os
 from typing import Any, Sequence
 
+from ldm_jax import fs
 from ldm_jax.data import builtin, images
 
 SOURCES = ("builtin", "folder", "arrayrecord", "tfds")
@@ -178,7 +178,8 @@ def list_images(root: str) -> tuple[str, ...]:
   return _scan(root)[0]
 
 
-# abspath(root) -> the extensions of the files under it that list_images left out.
+# fs.absolute(root) (a gs:// URL as it is) -> the extensions of the files under it that
+# list_images left out.
 _ignored: dict[str, dict[str, int]] = {}
 
 
@@ -190,17 +191,17 @@ def _scan(root: str) -> tuple[tuple[str, ...], dict[str, int]]:
   `.txt` captions beside an image of the same name (what conditions.py reads).
   """
   found, ignored = [], collections.Counter()
-  for folder, subfolders, files in os.walk(root, followlinks=True):
+  for folder, subfolders, files in fs.walk(root, followlinks=True):  # local or gs://
     subfolders[:] = [d for d in subfolders if not d.startswith(".")]
     names = [os.path.splitext(f) for f in files if not f.startswith(".")]
     stems = {stem for stem, ext in names if ext.lower() in IMAGE_EXTENSIONS}
     for stem, ext in names:
       if ext.lower() in IMAGE_EXTENSIONS:
-        found.append(os.path.join(folder, stem + ext))
+        found.append(fs.join(folder, stem + ext))
       elif not (ext == ".txt" and stem in stems):
         ignored[ext.lower() or "(no extension)"] += 1
   ignored = dict(ignored)
-  _ignored[os.path.abspath(root)] = ignored
+  _ignored[fs.absolute(root)] = ignored
   if ignored:
     logging.warning("folder %r: ignored %s with other extensions (%s); accepted: %s", root,
                     plural(sum(ignored.values()), "file"), format_counts(ignored),
@@ -240,27 +241,29 @@ def held_out(keys: Sequence[str], fraction: float) -> frozenset[str]:
 
 def _folder(data_config, split: str) -> Source:
   """`path/<split>/` when it exists, else a hash-chosen share of the training images."""
-  root = os.path.expanduser(str(data_config.path or ""))
+  root = str(data_config.path or "")
+  root = root if fs.is_remote(root) else os.path.expanduser(root)
   if not root:
     raise ValueError("data.source='folder' needs data.path: set --config.data.path=/dir/of/images")
-  if not os.path.isdir(root):
+  if not fs.isdir(root):
     raise ValueError(f"data.path={root!r} is not a directory (source 'folder'); point "
                      f"--config.data.path at a folder of .jpg/.jpeg/.png/.webp images")
-  own = os.path.join(root, split)
-  if os.path.isdir(own):
+  own = fs.join(root, split)
+  if fs.isdir(own):
     return Source(_nonempty(own), f"folder {own!r}", folder_root=own)
   if split not in (data_config.split, data_config.val_split):
     raise _unknown_split(split, data_config, f"folder {root!r}")
-  train_root = os.path.join(root, data_config.split)
-  base = train_root if os.path.isdir(train_root) else root
+  train_root = fs.join(root, data_config.split)
+  base = train_root if fs.isdir(train_root) else root
   files = _nonempty(base)
-  val_root = os.path.join(root, data_config.val_split)
-  if os.path.isdir(val_root):  # here split is the training split: all but the val folder
-    return Source(tuple(f for f in files if not f.startswith(val_root + os.sep)),
+  val_root = fs.join(root, data_config.val_split)
+  if fs.isdir(val_root):  # here split is the training split: all but the val folder
+    sep = "/" if fs.is_remote(val_root) else os.sep
+    return Source(tuple(f for f in files if not f.startswith(val_root + sep)),
                   f"folder {base!r}", folder_root=base)
-  val = held_out([os.path.relpath(f, base) for f in files], _val_fraction(data_config))
+  val = held_out([fs.relpath(f, base) for f in files], _val_fraction(data_config))
   want_val = split == data_config.val_split
-  return Source(tuple(f for f in files if (os.path.relpath(f, base) in val) == want_val),
+  return Source(tuple(f for f in files if (fs.relpath(f, base) in val) == want_val),
                 f"{'held-out' if want_val else 'remaining'} share of folder {base!r}",
                 folder_root=base)
 
@@ -305,12 +308,8 @@ def _arrayrecord(data_config, split: str) -> Source:
 
 
 def _glob(pattern: str) -> list[str]:
-  """Sorted matches; remote paths (gs://...) go through TensorFlow's filesystems."""
-  if "://" in pattern:
-    import tensorflow as tf
-    return sorted(tf.io.gfile.glob(pattern))
-  pattern = os.path.expanduser(pattern)
-  return sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+  """Sorted matching files, local or gs:// (ldm_jax.fs; array_record reads gs:// itself)."""
+  return fs.glob(pattern)
 
 
 def _tfds(data_config, split: str) -> Source:

@@ -15,11 +15,13 @@ LDM text models); longer texts are cut, keeping the end marker.
 
 from __future__ import annotations
 
-import os
+import io
 import unicodedata
 from typing import Sequence
 
 import numpy as np
+
+from ldm_jax import fs
 
 
 def _frame(ids: list[int], start: int, end: int, pad: int, max_length: int) -> list[int]:
@@ -52,12 +54,12 @@ class WordPieceTokenizer:
   """BERT uncased tokenization from a vocab.txt (one token per line, id = line number)."""
 
   def __init__(self, vocab_file: str, max_length: int = 77, max_chars_per_word: int = 100):
-    if not os.path.isfile(vocab_file):
+    if not fs.isfile(vocab_file):
       raise FileNotFoundError(f"WordPiece vocabulary {vocab_file!r} not found; point "
                               "text.vocab_file at a BERT vocab.txt, or leave it empty for "
                               "the byte-level tokenizer")
-    with open(vocab_file, encoding="utf-8") as f:
-      tokens = [line.rstrip("\n") for line in f]
+    text = io.StringIO(fs.read_text(vocab_file), newline=None)  # local or gs://
+    tokens = [line.rstrip("\n") for line in text]
     self.vocab = {token: i for i, token in enumerate(tokens)}
     missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in self.vocab]
     if missing:

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from ldm_jax import outputs
+from ldm_jax import fs, outputs
 
 
 class FeatureStats:
@@ -145,11 +145,11 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, *,
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
   """`mu` and `sigma` of an .npz written by `save_stats` or by pytorch-fid."""
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not fs.exists(path):
     raise FileNotFoundError(
         f"no reference statistics at {path!r}; compute them once with `python -m "
         "ldm_jax.eval.reference_stats --config=CONFIG --out=FILE.npz`")
-  with np.load(path) as f:
+  with fs.open(path, "rb") as handle, np.load(handle) as f:  # local or gs://
     missing = {"mu", "sigma"} - set(f.files)
     if missing:
       raise ValueError(f"{path} lacks {sorted(missing)}; expected an .npz with mu and sigma "

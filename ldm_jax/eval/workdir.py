@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 
 from absl import logging
+
+from ldm_jax import fs
 
 ORDER = ("fid", "is", "rfid", "psnr", "ssim", "lpips")
 LABELS = {"fid": "FID ↓", "is": "IS ↑", "rfid": "rFID ↓", "psnr": "PSNR (dB) ↑",
@@ -27,17 +28,15 @@ def load_run_config(workdir: str, first_stage: str | None = None):
   it moved since training; it replaces `first_stage.path`. Other runs refuse it.
   """
   import ml_collections
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = fs.join(workdir, "config.json")
+  if not fs.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(fs.read_text(path)))
   if first_stage:
     if not is_ldm(config):
       raise ValueError(f"--first_stage applies to LDM runs; {workdir} holds an autoencoder "
                        "run")
-    config.first_stage.path = (first_stage if "://" in first_stage
-                               else os.path.abspath(first_stage))
+    config.first_stage.path = fs.absolute(first_stage)  # a gs:// URL as it is
   return config
 
 
@@ -104,14 +103,15 @@ def evaluate_workdir(workdir: str, config, step: int | None = None) -> dict:
   step = checkpoint.resolve_step(workdir, step)
   check_reports(workdir, step)  # both fail before anything is built
   spec, programs = build_programs(config)
-  mesh = mesh_lib.make_mesh(config.train.mesh)
+  layout = mesh_lib.Layout.from_config(config.train)
+  mesh = layout.mesh
   batch_size = int(config.data.batch_size)
   mesh_lib.check_batch(batch_size, mesh)
   inception, reference = eval_networks(config)
   lpips_model = make_lpips(config.loss.lpips_weights) if config.loss.lpips_weights else None
   abstract = abstract_state(config, spec, programs)
   target = checkpoint.abstract_with_shardings(abstract,
-                                              mesh_lib.state_shardings(mesh, abstract))
+                                              layout.state_shardings(abstract))
   state, step = checkpoint.restore_state_only(workdir, target, step)
 
   split = config.data.val_split
@@ -151,11 +151,9 @@ def make_report(step: int, split: str, metrics: dict, has_ema: bool, config, **e
 def publish(workdir: str, report: dict) -> None:
   """The report's JSON and markdown (process 0) and its metrics as `eval/` scalars."""
   import jax
-  from clu import metric_writers
   if jax.process_index() == 0:
     write_reports(workdir, report)
-  writer = metric_writers.create_default_writer(os.path.join(workdir, "eval"),
-                                                just_logging=jax.process_index() > 0)
+  writer = fs.metric_writer(fs.join(workdir, "eval"), just_logging=jax.process_index() > 0)
   writer.write_scalars(report["step"], {f"eval/{k}": v for k, v in report["metrics"].items()})
   writer.flush()
 
@@ -179,7 +177,7 @@ def markdown_table(report: dict) -> str:
 
 
 def report_paths(workdir: str, step: int) -> tuple[str, str]:
-  base = os.path.join(workdir, "eval", f"step_{step:07d}")
+  base = fs.join(workdir, "eval", f"step_{step:07d}")
   return base + ".json", base + ".md"
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ldm_jax.models.distributions import DiagonalGaussian
-from ldm_jax.models.layers import Normalize, conv, swish
+from ldm_jax.models.layers import Normalize, constrain, conv, swish
 from ldm_jax.models.quantize import Quantized, VectorQuantizer
 
 PAD_1 = ((1, 1), (1, 1))
@@ -158,13 +158,14 @@ class Level(nnx.Module):
     self._resample_name = resample_name
 
   def __call__(self, x: jax.Array, rngs, remat: bool) -> jax.Array:
+    x = constrain(x)  # batch-split at every level's input and output (layers.constrain)
     for i, block in enumerate(self.block):
       x = _run(block, x, rngs, remat)
       if len(self.attn):
         x = _run(self.attn[i], x, None, remat)
     if self._resample_name is not None:
       x = getattr(self, self._resample_name)(x)
-    return x
+    return constrain(x)
 
 
 class Mid(nnx.Module):
@@ -176,10 +177,10 @@ class Mid(nnx.Module):
     self.block_2 = ResnetBlock(channels, channels, dropout=spec.dropout, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, rngs, remat: bool) -> jax.Array:
-    x = _run(self.block_1, x, rngs, remat)
+    x = _run(self.block_1, constrain(x), rngs, remat)
     if self.attn_1 is not None:
       x = _run(self.attn_1, x, None, remat)
-    return _run(self.block_2, x, rngs, remat)
+    return constrain(_run(self.block_2, x, rngs, remat))
 
 
 def _run(block: nnx.Module, x: jax.Array, rngs, remat: bool) -> jax.Array:
@@ -223,11 +224,11 @@ class Encoder(nnx.Module):
     self.conv_out = conv(block_in, out, 3, padding=PAD_1, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-    h = self.conv_in(x)
+    h = self.conv_in(constrain(x))
     for level in self.down:
       h = level(h, rngs, self.remat)
     h = self.mid(h, rngs, self.remat)
-    return self.conv_out(swish(self.norm_out(h)))
+    return constrain(self.conv_out(swish(self.norm_out(h))))
 
 
 class Decoder(nnx.Module):
@@ -257,10 +258,10 @@ class Decoder(nnx.Module):
 
   def features(self, z: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
     """Everything before `conv_out` (the GAN's adaptive weight differentiates past it)."""
-    h = self.mid(self.conv_in(z), rngs, self.remat)
+    h = self.mid(self.conv_in(constrain(z)), rngs, self.remat)
     for level in reversed(self.up):
       h = level(h, rngs, self.remat)
-    return swish(self.norm_out(h))
+    return constrain(swish(self.norm_out(h)))
 
   def to_image(self, features: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
     """`conv_out`, optionally with a replacement kernel; float32 output."""

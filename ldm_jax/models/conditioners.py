@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ldm_jax.models.layers import remat_call, torch_uniform_init
+from ldm_jax.models.layers import BLC, constrain, remat_call, torch_uniform_init
 
 
 def _linear(d_in: int, d_out: int, *, rngs: nnx.Rngs, use_bias: bool = True,
@@ -48,7 +48,7 @@ class ClassEmbedder(nnx.Module):
     return self.num_classes - 1
 
   def __call__(self, labels: jax.Array) -> jax.Array:
-    return self.embedding(labels.astype(jnp.int32))[:, None, :]
+    return constrain(self.embedding(labels.astype(jnp.int32))[:, None, :], BLC)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,10 +125,10 @@ class TextEncoder(nnx.Module):
       raise ValueError(f"{length} tokens exceed the encoder's max_length "
                        f"{self.spec.max_length}; tokenize with the same max_length")
     x = self.token_embedding(tokens.astype(jnp.int32)).astype(jnp.float32)
-    x = x + self.position_embedding[...][:length]
-    for block in self.blocks:
-      x = remat_call(block, x) if self.spec.remat else block(x)
-    return self.final_norm(x)
+    x = constrain(x + self.position_embedding[...][:length], BLC)
+    for block in self.blocks:  # batch-split between blocks (layers.constrain)
+      x = constrain(remat_call(block, x) if self.spec.remat else block(x), BLC)
+    return constrain(self.final_norm(x), BLC)
 
 
 KINDS = ("none", "class", "text")

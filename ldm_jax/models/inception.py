@@ -279,8 +279,10 @@ def _missing_weights_message(path) -> str:
 
 
 def make_inception(weights_path: str | os.PathLike | None) -> InceptionV3:
-  """The FID network from a safetensors file; a missing file says how to make it."""
-  if not weights_path or not os.path.exists(weights_path):
+  """The FID network from a safetensors file (local or gs://); a missing file says how to
+  make it."""
+  from ldm_jax import fs  # pylint: disable=import-outside-toplevel
+  if not weights_path or not fs.exists(weights_path):
     raise FileNotFoundError(_missing_weights_message(weights_path))
   from ldm_jax.convert.files import read_tensors  # pylint: disable=import-outside-toplevel
   return inception_from_state(read_tensors(weights_path), os.fspath(weights_path))

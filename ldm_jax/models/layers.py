@@ -6,11 +6,37 @@ parameters; group norms always compute in float32, as the references do.
 
 from __future__ import annotations
 
-from typing import Any
+import contextvars
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+
+# Logical names of activations, resolved to mesh axes by the rules of
+# ldm_jax.train.mesh (models know names, never meshes).
+NHWC = ("batch", "height", "width", "channels")
+BLC = ("batch", "length", "channels")
+
+# Set by ldm_jax.train.mesh.activation_sharding: (names, shape) -> a Sharding, or None to
+# leave the array alone. Read at trace time, so it holds inside jit, remat and scan.
+ACTIVATION_SHARDING: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "ldm_jax_activation_sharding", default=None)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None] = NHWC) -> jax.Array:
+  """`with_sharding_constraint` by logical names at a block boundary.
+
+  A no-op outside a mesh context (tests, conversion, single-device runs), so the numbers
+  never depend on it; inside one it pins the batch split so XLA's propagation cannot
+  wander into a layout that needs all-to-alls or whole-tensor rematerialization.
+  """
+  resolve = ACTIVATION_SHARDING.get()
+  if resolve is None or x.ndim != len(names):
+    return x
+  sharding = resolve(tuple(names), tuple(x.shape))
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 class Buffer(nnx.Variable):

@@ -158,7 +158,9 @@ def lpips_from_state(tensors: dict[str, np.ndarray], source: str) -> LPIPS:
 def load_lpips(path: str | os.PathLike) -> LPIPS:
   """An LPIPS module with the weights of one safetensors file in the PyTorch layout."""
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-  return lpips_from_state(load_file(os.fspath(path)), os.fspath(path))
+  from ldm_jax import fs  # pylint: disable=import-outside-toplevel
+  with fs.local_file(path) as local:  # a gs:// file is read from a local copy
+    return lpips_from_state(load_file(local), os.fspath(path))
 
 
 def make_lpips(weights_path: str | os.PathLike | None, random_init: bool = False,
@@ -170,7 +172,8 @@ def make_lpips(weights_path: str | os.PathLike | None, random_init: bool = False
   """
   if random_init:
     return lpips_from_state(random_state(seed), f"random_state({seed})")
-  if not weights_path or not os.path.exists(weights_path):
+  from ldm_jax import fs  # pylint: disable=import-outside-toplevel
+  if not weights_path or not fs.exists(weights_path):
     raise FileNotFoundError(_missing_weights_message(weights_path))
   return load_lpips(weights_path)
 

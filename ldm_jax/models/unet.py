@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ldm_jax.models.layers import Normalize, conv, remat_call, torch_uniform_init
+from ldm_jax.models.layers import BLC, Normalize, constrain, conv, remat_call, torch_uniform_init
 
 PAD_1 = ((1, 1), (1, 1))
 
@@ -457,7 +457,12 @@ class UNetModel(nnx.Module):
     emb = self.time_embedding(timestep_embedding(timesteps, self.spec.model_channels))
     if self.class_embedding is not None:
       emb = emb + self.class_embedding(y.astype(jnp.int32)).astype(emb.dtype)
-    h = self.conv_in(x.astype(self.spec.compute_dtype))
+    # Batch-split activations at every level's input and output, the time embedding and
+    # the context (layers.constrain: a no-op outside a mesh context).
+    emb = constrain(emb, ("batch", "channels"))
+    if context is not None:
+      context = constrain(context, BLC)
+    h = constrain(self.conv_in(constrain(x).astype(self.spec.compute_dtype)))
     skips = [h]
     for level in self.down_blocks:
       for i, resnet in enumerate(level.resnets):
@@ -468,9 +473,10 @@ class UNetModel(nnx.Module):
       for resampler in level.downsamplers:
         h = self._resample(resampler, h, emb, rngs, "down")
         skips.append(h)
+      h = skips[-1] = constrain(h)
     h = self._block(self.mid_block.resnets[0], h, emb, rngs)
     h = self._block(self.mid_block.attentions[0], h, context, rngs)
-    h = self._block(self.mid_block.resnets[1], h, emb, rngs)
+    h = constrain(self._block(self.mid_block.resnets[1], h, emb, rngs))
     for level in self.up_blocks:
       for i, resnet in enumerate(level.resnets):
         skip = skips.pop()
@@ -479,7 +485,8 @@ class UNetModel(nnx.Module):
           h = self._block(level.attentions[i], h, context, rngs)
       for resampler in level.upsamplers:
         h = self._resample(resampler, h, emb, rngs, "up")
-    return self.conv_out(_silu(self.conv_norm_out(h))).astype(jnp.float32)
+      h = constrain(h)
+    return constrain(self.conv_out(_silu(self.conv_norm_out(h))).astype(jnp.float32))
 
 
 

@@ -14,15 +14,13 @@ from ldm_jax.eval.setup import DEFAULTS as EVAL_DEFAULTS, eval_config
 from ldm_jax.losses.autoencoder import LossConfig
 from ldm_jax.models.autoencoder import AutoencoderSpec, abstract_autoencoder
 from ldm_jax.train import autoencoder_step as step_lib
-from ldm_jax.train import guard
+from ldm_jax.train import guard, loop
 from ldm_jax.train.optim import adam, learning_rate
 
 KNOWN_KEYS = {
     "optim": {"base_learning_rate", "scale_lr", "accumulate_grad_batches", "b1", "b2",
               "grad_clip_norm", "ema_decay"},
-    "train": {"num_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "seed",
-              "decoder_only", "init_from", "mesh", "export_format", "eval_examples",
-              "on_nonfinite", "max_nonfinite", "eval_at_start", "preemption_every"},
+    "train": loop.TRAIN_KEYS | {"decoder_only", "init_from", "export_format"},
     "eval": set(EVAL_DEFAULTS),  # optional: runs saved before it existed lack the block
 }
 
@@ -42,12 +40,8 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[AutoencoderSpec, Lo
   if config.data.batch_size < 1:
     raise ValueError(f"data.batch_size={config.data.batch_size} must be >= 1 (it is the global "
                      "batch over all hosts and devices)")
-  for key in ("num_steps", "log_every", "eval_every", "ckpt_every"):
-    if config.train[key] < 1:
-      raise ValueError(f"train.{key}={config.train[key]} must be >= 1")
+  loop.check_train_config(config.train)
   guard.check_policy(*guard.guard_settings(config))
-  if int(config.train.get("preemption_every", 10)) < 1:
-    raise ValueError(f"train.preemption_every={config.train.preemption_every} must be >= 1")
   if config.optim.accumulate_grad_batches < 1:
     raise ValueError("optim.accumulate_grad_batches must be >= 1")
   if config.train.decoder_only and not config.train.init_from:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Any
 
 import jax
@@ -20,6 +19,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from ldm_jax import fs
 from ldm_jax.convert import load_autoencoder, save_autoencoder
 from ldm_jax.convert.files import WeightFileError
 from ldm_jax.convert.torch_layout import StateMismatchError
@@ -45,7 +45,7 @@ class Run:
   workdir: str
   spec: AutoencoderSpec
   loss: LossConfig
-  mesh: Any
+  layout: mesh_lib.Layout  # the mesh and the sharding rules (train.mesh, train.sharding_rules)
   programs: step_lib.Programs
   lpips_state: Any
   eval_lpips: Any
@@ -54,12 +54,16 @@ class Run:
   global_batch: int
   accumulate: int
 
+  @property
+  def mesh(self):
+    return self.layout.mesh
+
 
 def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   spec, loss = check_config(config)
-  mesh = mesh_lib.make_mesh(config.train.mesh)
+  layout = mesh_lib.Layout.from_config(config.train)
   global_batch = int(config.data.batch_size)
-  mesh_lib.check_batch(global_batch, mesh)
+  mesh_lib.check_batch(global_batch, layout.mesh)
   check_data(config.data)
   lpips_model = None
   if loss.perceptual_weight > 0:
@@ -74,7 +78,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   use_lpips_loss = loss.perceptual_weight > 0
   _, programs = build_programs(config, lpips_def if use_lpips_loss else None)
   inception, reference = eval_networks(config)
-  return Run(config, workdir, spec, loss, mesh, programs,
+  return Run(config, workdir, spec, loss, layout, programs,
              lpips_state if use_lpips_loss else None, lpips_model, inception, reference,
              global_batch, int(config.optim.accumulate_grad_batches))
 
@@ -113,8 +117,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
   global_shape = (run.accumulate, run.global_batch, size, size, 3)
 
   def start(state, iterator, shardings) -> loop.Started:
-    batch_sharding = mesh_lib.batch_sharding(run.mesh, leading_dims=1)
-    compiled = step_lib.jit_train_step(run.programs, run.mesh, shardings, run.lpips_state)
+    batch_sharding = run.layout.batch_sharding(leading_dims=1)
+    compiled = step_lib.jit_train_step(run.programs, run.layout, shardings, run.lpips_state)
 
     def train_step(state):
       batch = _next_update_batch(iterator, run.accumulate, batch_sharding, global_shape)
@@ -124,12 +128,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
 
   lr = learning_rate(config.optim, run.global_batch)
   return loop.Stage(
-      name="autoencoder", mesh=run.mesh, state=initial_state(run), guarded=step_lib.GUARDED,
+      name="autoencoder", layout=run.layout, state=initial_state(run), guarded=step_lib.GUARDED,
       make_iterator=lambda: train_iterator(config.data, global_batch_size=run.global_batch,
                                            seed=int(config.data.seed)),
       images_per_step=run.global_batch * run.accumulate, learning_rate=lambda step: lr,
       start=start, console_keys=CONSOLE_KEYS, export=lambda state: export(run, state, workdir),
-      export_exists=lambda: os.path.exists(export_path(workdir, config)))
+      export_exists=lambda: fs.exists(export_path(workdir, config)))
 
 
 CONSOLE_KEYS = ("total_loss", "rec_loss", "kl_loss", "quant_loss", "g_loss", "disc_loss")
@@ -137,7 +141,7 @@ CONSOLE_KEYS = ("total_loss", "rec_loss", "kl_loss", "quant_loss", "g_loss", "di
 
 def export_path(workdir: str, config) -> str:
   fmt = config.train.export_format
-  return os.path.join(workdir, "export", "autoencoder" + (".safetensors" if fmt == "compvis"
+  return fs.join(workdir, "export", "autoencoder" + (".safetensors" if fmt == "compvis"
                                                          else ""))
 
 
@@ -181,11 +185,11 @@ class Evaluator:
     writer.write_scalars(step, {f"val/{k}": v for k, v in result.items()})
     if jax.process_index() == 0:
       writer.write_images(step, {"val/input_reconstruction_sample": _tile(out.grid)[None]})
-      save_grid(_tile(out.grid), os.path.join(self.run.workdir, "images", f"val_{step:07d}.png"))
+      save_grid(_tile(out.grid), fs.join(self.run.workdir, "images", f"val_{step:07d}.png"))
     logging.info("validation at step %d: %s", step, summary_line(result))
     if jax.process_index() == 0:
-      with open(os.path.join(self.run.workdir, "val_metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"step": step, **result}) + "\n")
+      fs.append_text(fs.join(self.run.workdir, "val_metrics.jsonl"),
+                     json.dumps({"step": step, **result}) + "\n")
     return result
 
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from ldm_jax import outputs
+from ldm_jax import fs, outputs
 from ldm_jax.convert.autoencoder import save_autoencoder
 from ldm_jax.convert.files import write_safetensors
 from ldm_jax.convert.torch_layout import export_state
@@ -38,12 +38,12 @@ def check_export_target(workdir: str, out: str, fmt: str, kind: str,
     raise ValueError(f"format must be 'diffusers' or 'compvis', got {fmt!r}")
   if fmt == "compvis" and not os.fspath(out).endswith(".safetensors"):
     raise ValueError(f"a CompVis export is one .safetensors file; got --out={out}")
-  run, target = os.path.realpath(workdir), os.path.realpath(out)
-  suggestion = os.path.join(workdir, "export", "ldm" if kind == outputs.LDM else "autoencoder")
+  run, target = fs.normalize(workdir), fs.normalize(out)  # gs:// compared as URLs
+  suggestion = fs.join(workdir, "export", "ldm" if kind == outputs.LDM else "autoencoder")
   if target == run:
     raise outputs.OutputError(f"--out={out} is the workdir itself; an export never replaces "
                               f"it, not even with --overwrite: use e.g. --out={suggestion}")
-  if run.startswith(target.rstrip(os.sep) + os.sep):
+  if fs.is_within(run, target):
     raise outputs.OutputError(f"--out={out} holds the workdir {workdir}; replacing it would "
                               "delete the run, so even --overwrite is refused: use e.g. "
                               f"--out={suggestion}")
@@ -85,7 +85,7 @@ def export_ldm_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: 
           if model.cond.encoder is not None else {})
   if fmt == "diffusers":
     with outputs.atomic_path(out, outputs.LDM, overwrite=overwrite) as tmp:
-      os.makedirs(tmp)
+      os.makedirs(tmp)  # local for a gs:// --out too: outputs stages it, then uploads
       save_unet(model.unet, os.path.join(tmp, "unet"), format="diffusers")
       save_autoencoder(run.first_stage, os.path.join(tmp, "vae"), format="diffusers",
                        scaling_factor=scale)

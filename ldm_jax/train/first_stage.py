@@ -9,10 +9,11 @@ as the reference's `encode` returns it); `decode` undoes the scale and quantizes
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
+
+from ldm_jax import fs
 
 
 def restore_autoencoder(workdir: str, use_ema: bool = True, step: int | None = None):
@@ -23,11 +24,10 @@ def restore_autoencoder(workdir: str, use_ema: bool = True, step: int | None = N
   from ldm_jax.train import checkpoint
   from ldm_jax.train.autoencoder_setup import abstract_state, build_programs
 
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
+  config_path = fs.join(workdir, "config.json")
+  if not fs.exists(config_path):
     raise FileNotFoundError(f"{config_path} not found: is {workdir} a training workdir?")
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(fs.read_text(config_path)))
   spec, programs = build_programs(config)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -38,11 +38,12 @@ def restore_autoencoder(workdir: str, use_ema: bool = True, step: int | None = N
 
 
 def load_first_stage(source: str):
-  """An autoencoder from a workdir (a folder with config.json and checkpoints/) or weights."""
+  """An autoencoder from a workdir (a folder with config.json and checkpoints/) or weights,
+  local or gs://."""
   if not source:
     raise ValueError("no first stage configured: set first_stage.path to an ldm_jax "
                      "autoencoder workdir or to PyTorch autoencoder weights")
-  if os.path.isdir(os.path.join(source, "checkpoints")):
+  if fs.isdir(fs.join(source, "checkpoints")):
     return restore_autoencoder(source)[0]
   from ldm_jax.convert import load_autoencoder
   return load_autoencoder(source)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from ldm_jax import outputs
+from ldm_jax import fs, outputs
 
 
 def save_grid(image: np.ndarray, path: str, *, overwrite: bool = True) -> None:
@@ -22,12 +20,13 @@ def save_grid(image: np.ndarray, path: str, *, overwrite: bool = True) -> None:
 
 def check_grid_path(path: str, *, overwrite: bool = False) -> str:
   """Where the sampling command's grid goes, checked before sampling: a .png file path
-  that can be created (or replaced: see ldm_jax.outputs); returned absolute."""
-  if os.path.isdir(path):
+  that can be created (or replaced: see ldm_jax.outputs); returned absolute (a gs:// URL
+  as it is)."""
+  if fs.isdir(path):
     raise outputs.OutputError(f"--out={path} is a folder; give the grid's file name, e.g. "
-                              f"--out={os.path.join(path, 'samples.png')}")
+                              f"--out={fs.join(path, 'samples.png')}")
   if not path.lower().endswith(".png"):
     raise outputs.OutputError(f"--out={path}: the grid is a PNG file; give a path ending "
                               "in .png")
   outputs.check_target(path, outputs.SAMPLES, overwrite=overwrite)
-  return os.path.abspath(path)
+  return fs.absolute(path)

@@ -90,7 +90,7 @@ def evaluate_ldm_workdir(workdir: str, config, step: int | None = None) -> dict:
   run = ldm_trainer.build_run(config, workdir, check_training_data=False)
   abstract = abstract_state(config, run.spec, run.programs)
   target = checkpoint.abstract_with_shardings(abstract,
-                                              mesh_lib.state_shardings(run.mesh, abstract))
+                                              run.layout.state_shardings(abstract))
   state, step = checkpoint.restore_state_only(workdir, target, step)
   split = config.data.val_split
   limit = int(config.eval.num_examples) or None

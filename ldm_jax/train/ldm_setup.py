@@ -14,6 +14,7 @@ import ml_collections
 from ldm_jax.data.conditions import ConditionSpec
 from ldm_jax.data.tokenizer import make_tokenizer
 from ldm_jax.eval.setup import DEFAULTS as EVAL_DEFAULTS
+from ldm_jax.train import loop
 from ldm_jax.train.concat import ConcatSpec
 
 FIELDS_BY_KIND = {"none": (), "class": ("label",), "text": ("tokens",)}
@@ -47,9 +48,7 @@ KNOWN_KEYS = {
     "optim": {"base_learning_rate", "scale_lr", "accumulate_grad_batches", "b1", "b2", "eps",
               "weight_decay", "warmup_steps", "grad_clip_norm", "ema_decay"},
     "sample": {"sampler", "steps", "eta", "guidance_scale", "num", "every"},
-    "train": {"num_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints",
-              "seed", "mesh", "eval_examples", "on_nonfinite", "max_nonfinite",
-              "eval_at_start", "preemption_every"},
+    "train": loop.TRAIN_KEYS,
     "eval": set(EVAL_DEFAULTS),  # optional: runs saved before it existed lack the block
 }
 
@@ -88,15 +87,11 @@ def check_config(config: ml_collections.ConfigDict):
   if not 1 <= config.sample.steps <= config.diffusion.timesteps:
     raise ValueError(f"sample.steps={config.sample.steps} must be in [1, "
                      f"{config.diffusion.timesteps}]")
-  for key in ("num_steps", "log_every", "ckpt_every"):
-    if config.train[key] < 1:
-      raise ValueError(f"train.{key}={config.train[key]} must be >= 1")
+  loop.check_train_config(config.train)
   if config.data.batch_size < 1:
     raise ValueError(f"data.batch_size={config.data.batch_size} must be >= 1")
   from ldm_jax.train import guard
   guard.check_policy(*guard.guard_settings(config))
-  if int(config.train.get("preemption_every", 10)) < 1:
-    raise ValueError(f"train.preemption_every={config.train.preemption_every} must be >= 1")
   if int(config.optim.get("accumulate_grad_batches", 1)) != 1:
     # The LDM step makes one update per batch; accepting the key would only scale the
     # learning rate (scale_lr) for an accumulation that never happens.

@@ -152,14 +152,16 @@ def make_train_step(programs: LDMPrograms) -> Callable:
   return step_fn
 
 
-def jit_train_step(programs: LDMPrograms, mesh, state_shardings, batch_spec: dict,
-                   first_stage_state):
-  """The step over `mesh`: state sharded by the fsdp rules and donated, every batch field
-  split along its first axis, the first stage replicated."""
-  replicated = mesh_lib.replicated(mesh)
-  batch = {k: mesh_lib.batch_sharding(mesh) for k in batch_spec}
+def jit_train_step(programs: LDMPrograms, layout: mesh_lib.Layout, state_shardings,
+                   batch_spec: dict, first_stage_state):
+  """The step over `layout`'s mesh: state sharded by its rules and donated, every batch
+  field split along its first axis, activations constrained at the UNet's block
+  boundaries, the first stage replicated."""
+  replicated = mesh_lib.replicated(layout.mesh)
+  batch = {k: layout.batch_sharding() for k in batch_spec}
   frozen = jax.tree.map(lambda _: replicated, first_stage_state)
-  return jax.jit(make_train_step(programs), in_shardings=(state_shardings, batch, frozen),
+  return jax.jit(layout.constrained(make_train_step(programs)),
+                 in_shardings=(state_shardings, batch, frozen),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 

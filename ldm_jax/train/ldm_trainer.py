@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import jax
@@ -21,6 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from ldm_jax import fs
 from ldm_jax.data.latents import latent_iterator
 from ldm_jax.data.pipeline import train_iterator
 from ldm_jax.data.sources import check_data
@@ -41,10 +41,14 @@ class LDMRun:
   workdir: str
   spec: Any
   programs: ldm_step.LDMPrograms
-  mesh: Any
+  layout: mesh_lib.Layout  # the mesh and the sharding rules (train.mesh, train.sharding_rules)
   first_stage: Any  # the frozen autoencoder module
   first_stage_state: Any
   global_batch: int
+
+  @property
+  def mesh(self):
+    return self.layout.mesh
 
 
 def build_run(config: ml_collections.ConfigDict, workdir: str,
@@ -55,11 +59,11 @@ def build_run(config: ml_collections.ConfigDict, workdir: str,
                      "latents, an ldm_jax workdir or PyTorch weights")
   if check_training_data and not config.first_stage.cache_dir:
     check_data(config.data)
-  mesh = mesh_lib.make_mesh(config.train.mesh)
+  layout = mesh_lib.Layout.from_config(config.train)
   global_batch = int(config.data.batch_size)
-  mesh_lib.check_batch(global_batch, mesh)
+  mesh_lib.check_batch(global_batch, layout.mesh)
   source = str(config.first_stage.path)
-  if "://" not in source and not os.path.exists(source):
+  if not fs.exists(source):
     raise FileNotFoundError(
         f"the first stage {source} (first_stage.path) does not exist: if it moved, give its "
         f"new place with --first_stage=PATH (sample, export, evaluate) or "
@@ -83,7 +87,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str,
   if spec.out_channels != latent_channels:
     raise ValueError(f"unet.out_channels={spec.out_channels} but the first stage's latents "
                      f"have {latent_channels} channels")
-  return LDMRun(config, workdir, spec, programs, mesh, autoencoder, fs_state, global_batch)
+  return LDMRun(config, workdir, spec, programs, layout, autoencoder, fs_state, global_batch)
 
 
 def _iterator(run: LDMRun):
@@ -179,7 +183,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
                learning_rate(config.optim, run.global_batch))
 
   def start(state, iterator, shardings) -> loop.Started:
-    batch_sharding = mesh_lib.batch_sharding(run.mesh)
+    batch_sharding = run.layout.batch_sharding()
     # The first batch is read now (its fields give the step's input shardings and the
     # sample grid's conditions) and trained on first: the iterator's position must match
     # the step's.
@@ -195,7 +199,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
       state = state.replace(scale_factor=jax.device_put(factor, shardings.scale_factor))
       logging.info("scale_by_std: scale_factor = %.5f", float(factor))
     logging.info("latent scale_factor %.5f", float(jax.device_get(state.scale_factor)))
-    compiled = ldm_step.jit_train_step(programs, run.mesh, shardings, first, fs_state)
+    compiled = ldm_step.jit_train_step(programs, run.layout, shardings, first, fs_state)
 
     def train_step(state):
       local = pending.pop() if pending else next(iterator)
@@ -209,7 +213,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
   lr = learning_rate(config.optim, run.global_batch)
   schedule = ldm_step.lr_schedule(config.optim, lr)
   return loop.Stage(
-      name="LDM", mesh=run.mesh, state=state, guarded=ldm_step.GUARDED,
+      name="LDM", layout=run.layout, state=state, guarded=ldm_step.GUARDED,
       make_iterator=lambda: _iterator(run), images_per_step=run.global_batch,
       learning_rate=lambda step: float(schedule(step)),
       start=start, console_keys=("loss",))
@@ -235,5 +239,5 @@ class SampleGrid:
              grid(np.concatenate([shown, images]), columns=self.num))
     if jax.process_index() == 0:
       writer.write_images(step, {"samples": image[None]})
-      save_grid(image, os.path.join(self.workdir, "images", f"samples_{step:07d}.png"))
+      save_grid(image, fs.join(self.workdir, "images", f"samples_{step:07d}.png"))
     return {}

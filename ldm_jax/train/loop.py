@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any, Callable
 
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 from clu import metric_writers, periodic_actions
 
+from ldm_jax import fs
 from ldm_jax.data.pipeline import data_report, skipped_records
 from ldm_jax.logs import line_notes
 from ldm_jax.train import checkpoint, resume
@@ -35,6 +35,26 @@ from ldm_jax.train.preemption import PreemptionFlag
 
 # (state, step, writer) -> scalars for the run's result (may be empty).
 Action = Callable[[Any, int, Any], dict]
+
+# The `train` keys the loop reads, for both stages (each stage adds its own).
+TRAIN_KEYS = frozenset({
+    "num_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "seed", "mesh",
+    "eval_examples", "on_nonfinite", "max_nonfinite", "eval_at_start", "preemption_every",
+    "sharding_rules", "max_unsharded_fraction"})
+
+
+def check_train_config(train: ml_collections.ConfigDict) -> None:
+  """The loop's `train` values, checked before anything is built (the mesh itself is
+  checked when it is made: it needs the devices)."""
+  for key in ("num_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
+    if int(train[key]) < 1:
+      raise ValueError(f"train.{key}={train[key]} must be >= 1")
+  if int(train.get("preemption_every", 10)) < 1:
+    raise ValueError(f"train.preemption_every={train.preemption_every} must be >= 1")
+  mesh_lib.rules_from_config(train)  # well-formed rules
+  fraction = mesh_lib.max_unsharded_fraction(train)
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"train.max_unsharded_fraction={fraction} must be in [0, 1]")
 
 
 @dataclasses.dataclass
@@ -51,7 +71,7 @@ class Stage:
   """A stage's side of the loop, built before anything is written to the workdir."""
 
   name: str  # for logs: "autoencoder", "LDM"
-  mesh: Any
+  layout: mesh_lib.Layout  # the mesh and the sharding rules
   state: Any  # the freshly initialized state (host or device), before any restore
   guarded: tuple[str, ...]  # the names the step's guard report encodes
   make_iterator: Callable[[], Any]  # the checkpointed data iterator
@@ -71,8 +91,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   stage = setup(config, workdir)  # everything checked and loaded; still nothing written
   nonfinite = NonFiniteGuard(stage.guarded, *guard_settings(config))
 
-  os.makedirs(workdir, exist_ok=True)
-  shardings = mesh_lib.state_shardings(stage.mesh, stage.state)
+  fs.makedirs(workdir)
+  shardings = stage.layout.state_shardings(stage.state)
+  logging.info("%s: %s", stage.name, stage.layout.check(stage.state, shardings))
   state = jax.device_put(stage.state, shardings)
   iterator = stage.make_iterator()
   manager = checkpoint.make_manager(workdir, int(config.train.keep_checkpoints))
@@ -85,7 +106,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   started = stage.start(state, iterator, shardings)
   state = started.state
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = fs.metric_writer(workdir, just_logging=jax.process_index() > 0)
   num_steps = int(config.train.num_steps)
   log_every, ckpt_every = int(config.train.log_every), int(config.train.ckpt_every)
   progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,

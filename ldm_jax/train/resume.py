@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 from absl import logging
+
+from ldm_jax import fs
 
 # Keys whose change on resume is refused: they define what the checkpoint holds (shapes,
 # the state's structure) or what is being optimized. A key matches a prefix ending in "."
@@ -34,7 +35,8 @@ REFUSED = ("stage", "model.", "unet.", "cond.", "loss.", "diffusion.", "data.ima
 HARMLESS = ("train.num_steps", "train.log_every", "train.eval_every", "train.ckpt_every",
             "train.keep_checkpoints", "train.eval_examples", "train.on_nonfinite",
             "train.max_nonfinite", "train.export_format", "train.mesh.", "train.init_from",
-            "train.eval_at_start", "train.preemption_every",
+            "train.eval_at_start", "train.preemption_every", "train.sharding_rules",
+            "train.max_unsharded_fraction",
             "eval.", "sample.", "data.read_threads",
             # files that may move between runs (their contents are the user's to keep)
             "first_stage.path", "loss.lpips_weights", "cond.vocab_file")
@@ -54,9 +56,7 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
 
 
 def _absolute(path: str) -> str:
-  if not path or "://" in path:  # URLs (gs://...) are absolute already
-    return path
-  return os.path.abspath(os.path.expanduser(path))
+  return fs.absolute(path)  # URLs (gs://...) are absolute already
 
 
 def path_keys(config) -> tuple[str, ...]:
@@ -122,11 +122,10 @@ def diff(saved: dict, new: dict) -> dict[str, list[str]]:
 
 
 def read_saved(workdir: str) -> dict | None:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = fs.join(workdir, "config.json")
+  if not fs.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(fs.read_text(path))
 
 
 def check_resume(config, workdir: str, has_checkpoint: bool) -> None:
@@ -176,7 +175,14 @@ def write_config(config, workdir: str) -> None:
   if jax.process_index() != 0:
     return
   text = config.to_json_best_effort(indent=2)
-  path = os.path.join(workdir, "config.json")
+  path = fs.join(workdir, "config.json")
+  if fs.is_remote(path):  # one upload replaces an object atomically
+    if fs.exists(path):
+      if fs.read_text(path) == text:
+        return
+      fs.copy(path, fs.join(workdir, "config.previous.json"))
+    fs.write_text(path, text)
+    return
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
     f.write(text)
@@ -185,5 +191,5 @@ def write_config(config, workdir: str) -> None:
       if f.read() == text:
         os.remove(tmp)
         return
-    shutil.copyfile(path, os.path.join(workdir, "config.previous.json"))
+    fs.copy(path, os.path.join(workdir, "config.previous.json"))
   os.replace(tmp, path)  # a config.json is there at every moment

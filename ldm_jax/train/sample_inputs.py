@@ -7,7 +7,7 @@ or an image and its mask). Errors are ValueErrors that name the flag to change.
 
 from __future__ import annotations
 
-import os
+from ldm_jax import fs
 
 
 def condition_fields(config, num: int, class_id: int | None, prompt: str | None) -> dict:
@@ -34,10 +34,10 @@ def read_image(path: str, mode: str):
   """A PNG/JPEG as float32 in [0, 1], in PIL `mode` ("RGB" or "L")."""
   import numpy as np
   from PIL import Image
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     raise ValueError(f"{path} not found")
   try:
-    with Image.open(path) as im:
+    with fs.open(path, "rb") as f, Image.open(f) as im:
       return np.asarray(im.convert(mode), np.float32) / 255.0
   except OSError as e:
     raise ValueError(f"cannot read {path} as an image: {e}") from None
