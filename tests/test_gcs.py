@@ -322,12 +322,12 @@ def test_ldm_on_gcs_trains_on_a_gcs_first_stage_samples_and_exports(ae_run, cwd)
 # --- Two processes, fsdp across both, on gs:// -----------------------------------------
 
 # kl_f8:tiny on 2 processes x 4 CPU devices, every parameter split over all 8 (the tiny
-# model's small arrays stay whole, hence the fraction); validation off to save time.
+# model's small arrays stay whole, hence the fraction); validation at step 6 and 12.
 PODLIKE = (f"--config={REPO / 'configs' / 'kl_f8.py'}:tiny", "--config.train.mesh.data=1",
            "--config.train.mesh.fsdp=8", "--config.data.batch_size=8",
            "--config.train.max_unsharded_fraction=1.0", "--config.train.num_steps=12",
            "--config.train.ckpt_every=4", "--config.train.preemption_every=5",
-           "--config.train.eval_every=100", "--config.train.eval_at_start=False")
+           "--config.train.eval_every=6", "--config.train.eval_at_start=False")
 
 
 def _start_processes(workdir, port):

@@ -166,10 +166,20 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     preemption.restore()
     manager.wait_until_finished()
     writer.flush()
-  if stage.export is not None and jax.process_index() == 0 and (
-      step > first_step or not stage.export_exists()):
-    stage.export(state)
+  if stage.export is not None and (step > first_step or not stage.export_exists()):
+    host_state = _on_host(state)  # every process takes part: the state may span hosts
+    if jax.process_index() == 0:
+      stage.export(host_state)
   return results
+
+
+def _on_host(tree):
+  """The global values of a (possibly multi-host sharded) state as numpy arrays. Arrays
+  split across processes are all-gathered, a collective every process must join."""
+  if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _console_line(step, num_steps, steps_per_s, images_per_s, scalars, keys, notes):
