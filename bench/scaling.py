@@ -207,12 +207,28 @@ def compile_ldm(config, layout):
   return lowered, state, shardings, _tree_bytes(state.params)
 
 
+def apply_overrides(config, overrides) -> None:
+  """`--set=optim.accumulate_grad_batches=1` style overrides (values parsed as JSON)."""
+  for item in overrides or ():
+    key, _, value = item.partition("=")
+    try:
+      value = json.loads(value)
+    except json.JSONDecodeError:
+      pass  # a bare string
+    *blocks, leaf = key.split(".")
+    target = config
+    for block in blocks:
+      target = target[block]
+    target[leaf] = value
+
+
 def run_one(name: str, mesh_name: str, mesh_config: dict, per_device_batch: int | None,
-            hlo_dir: str | None) -> dict:
+            hlo_dir: str | None, overrides=()) -> dict:
   import jax
 
   from ldm_jax.train import mesh as mesh_lib
   config = load_config(*config_source(name))
+  apply_overrides(config, overrides)
   devices = jax.device_count()
   per_device = per_device_batch or max(1, int(config.data.batch_size) // 8)
   config.data.batch_size = per_device * devices
@@ -257,7 +273,8 @@ def child(args) -> None:
     import jax
     for mesh_name, mesh_config in meshes_for(jax.device_count(), meshes, config).items():
       try:
-        row = run_one(name, mesh_name, mesh_config, args.per_device_batch, args.hlo_dir)
+        row = run_one(name, mesh_name, mesh_config, args.per_device_batch, args.hlo_dir,
+                      args.set)
       except Exception as e:  # a configuration that cannot be built: report, go on
         row = {"config": name, "devices": jax.device_count(), "mesh": mesh_name,
                "error": f"{type(e).__name__}: {e}"[:500]}
@@ -298,6 +315,9 @@ def main() -> None:
   parser.add_argument("--meshes", default="data,fsdp,mixed")
   parser.add_argument("--per_device_batch", type=int, default=None)
   parser.add_argument("--hlo_dir", default=None, help="write each optimized HLO here")
+  parser.add_argument("--set", action="append", default=[],
+                      help="a config override for every config, e.g. "
+                      "--set=optim.accumulate_grad_batches=1 (repeatable)")
   parser.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -316,6 +336,7 @@ def main() -> None:
                args.configs, "--meshes", args.meshes]
     if args.per_device_batch:
       command += ["--per_device_batch", str(args.per_device_batch)]
+    command += [f"--set={item}" for item in args.set]
     if args.hlo_dir:
       command += ["--hlo_dir", args.hlo_dir]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT)

@@ -9,11 +9,13 @@ or BERT WordPiece with `--config.cond.vocab_file=vocab.txt` (bert-base-uncased's
 is what the published model used). Condition dropout 0.1 is our choice, for guidance.
 """
 
+import ml_collections
+
 from ldm_jax.config_lib import ldm_config
 
 
 def get_config(arg=None):
-  return ldm_config(
+  config = ldm_config(
       first_stage=dict(kind="kl", downsample_factor=8, scale_factor=0.18215),
       unet=dict(in_channels=4, out_channels=4, model_channels=320,
                 attention_resolutions=(4, 2, 1), num_res_blocks=2, channel_mult=(1, 2, 4, 4),
@@ -23,3 +25,9 @@ def get_config(arg=None):
       cond=dict(kind="text", text_width=1280, text_depth=32, text_heads=8, text_head_dim=64,
                 dropout_prob=0.1),
       batch_size=64, base_learning_rate=5e-5, image_size=256, arg=arg)
+  if arg is None:
+    # fp32 weights, Adam moments and EMA of the 872M UNet and the 0.5B text transformer
+    # are 22 GiB per device replicated: split them over the devices of each host
+    # (bench/README.md, "Memory per device"). The demo and tiny variants fit anywhere.
+    config.train.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp="host", dcn_data=1))
+  return config

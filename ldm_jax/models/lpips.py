@@ -115,9 +115,13 @@ class LPIPS(nnx.Module):
                        f"and {x1.shape}")
     batch = x0.shape[0]
     total = jnp.zeros((batch,), jnp.float32)
-    for k, f in enumerate(self.taps(jnp.concatenate([x0, x1], axis=0))):
-      f = normalize_channels(f)
-      diff = jnp.square(f[:batch] - f[batch:])
+    # One VGG pass over both batches, interleaved ([B, 2] -> 2B) rather than concatenated:
+    # on a batch-split mesh each device then holds both images of its own rows, where a
+    # concatenation would move half of every feature map between devices.
+    pair = jnp.stack([x0, x1], axis=1).reshape((2 * batch,) + x0.shape[1:])
+    for k, f in enumerate(self.taps(pair)):
+      f = normalize_channels(f).reshape((batch, 2) + f.shape[1:])
+      diff = jnp.square(f[:, 0] - f[:, 1])
       total = total + jnp.mean(getattr(self, f"lin{k}")(diff), axis=(1, 2, 3))
     return total
 
