@@ -229,6 +229,8 @@ def run_one(name: str, mesh_name: str, mesh_config: dict, per_device_batch: int 
   from ldm_jax.train import mesh as mesh_lib
   config = load_config(*config_source(name))
   apply_overrides(config, overrides)
+  if config.train.get("decoder_only") and not config.train.init_from:
+    config.train.init_from = "unused"  # the state is abstract: no weights are read
   devices = jax.device_count()
   per_device = per_device_batch or max(1, int(config.data.batch_size) // 8)
   config.data.batch_size = per_device * devices

@@ -242,11 +242,14 @@ class LegacyAttention(nnx.Module):
   def __call__(self, x: jax.Array, context=None, rngs=None) -> jax.Array:
     b, h, w, c = x.shape
     tokens = self.norm(x).reshape(b, h * w, c)
-    qkv = self.qkv(tokens).reshape(b, h * w, self.num_heads, 3, self.head_dim)
+    # Batch-split (layers.constrain): else the qkv kernel's fsdp split propagates into the
+    # activation and its gradient, and XLA rematerializes whole tensors to undo it.
+    qkv = constrain(self.qkv(constrain(tokens, BLC)), BLC)
+    qkv = qkv.reshape(b, h * w, self.num_heads, 3, self.head_dim)
     q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
     out = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
-    out = self.proj_out(out.reshape(b, h * w, c)).reshape(b, h, w, c)
-    return x.astype(out.dtype) + out
+    out = constrain(self.proj_out(constrain(out.reshape(b, h * w, c), BLC)), BLC)
+    return x.astype(out.dtype) + out.reshape(b, h, w, c)
 
 
 class Attention(nnx.Module):
@@ -264,10 +267,12 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
     context = x if context is None else context
     b, n, _ = x.shape
-    split = lambda t: t.reshape(b, t.shape[1], self.heads, self.head_dim)
+    # Projections batch-split (layers.constrain), as in LegacyAttention.
+    split = lambda t: constrain(t, BLC).reshape(b, t.shape[1], self.heads, self.head_dim)
     out = jax.nn.dot_product_attention(split(self.to_q(x)), split(self.to_k(context)),
                                        split(self.to_v(context)), scale=self.head_dim**-0.5)
-    return self.to_out[0](out.reshape(b, n, self.heads * self.head_dim))
+    out = constrain(out.reshape(b, n, self.heads * self.head_dim), BLC)
+    return constrain(self.to_out[0](out), BLC)
 
 
 class GEGLU(nnx.Module):
@@ -339,9 +344,9 @@ class SpatialTransformer(nnx.Module):
     else:
       hidden = self.proj_in(hidden)
       hidden = hidden.reshape(b, h * w, hidden.shape[-1])
-    hidden = hidden.astype(jnp.float32)
+    hidden = constrain(hidden.astype(jnp.float32), BLC)
     for block in self.transformer_blocks:
-      hidden = block(hidden, context)
+      hidden = constrain(block(hidden, context), BLC)
     if self.linear:
       hidden = self.proj_out(hidden).reshape(b, h, w, c)
     else:

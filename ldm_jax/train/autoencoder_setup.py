@@ -14,7 +14,7 @@ from ldm_jax.eval.setup import DEFAULTS as EVAL_DEFAULTS, eval_config
 from ldm_jax.losses.autoencoder import LossConfig
 from ldm_jax.models.autoencoder import AutoencoderSpec, abstract_autoencoder
 from ldm_jax.train import autoencoder_step as step_lib
-from ldm_jax.train import guard, loop
+from ldm_jax.train import loop
 from ldm_jax.train.optim import adam, learning_rate
 
 KNOWN_KEYS = {
@@ -40,8 +40,7 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[AutoencoderSpec, Lo
   if config.data.batch_size < 1:
     raise ValueError(f"data.batch_size={config.data.batch_size} must be >= 1 (it is the global "
                      "batch over all hosts and devices)")
-  loop.check_train_config(config.train)
-  guard.check_policy(*guard.guard_settings(config))
+  loop.LoopSpec.from_config(config.train)
   if config.optim.accumulate_grad_batches < 1:
     raise ValueError("optim.accumulate_grad_batches must be >= 1")
   if config.train.decoder_only and not config.train.init_from:

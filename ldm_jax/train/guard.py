@@ -65,10 +65,11 @@ def _combine(a: dict, b: dict) -> dict:
           "first_step": jnp.minimum(a["first_step"], b["first_step"])}
 
 
-def guard_settings(config) -> tuple[str, int]:
-  """(train.on_nonfinite, train.max_nonfinite); runs saved before they existed stop."""
-  return (str(config.train.get("on_nonfinite", "stop")),
-          int(config.train.get("max_nonfinite", DEFAULT_MAX_NONFINITE)))
+def guard_settings(train) -> tuple[str, int]:
+  """(train.on_nonfinite, train.max_nonfinite) of a `train` block; runs saved before they
+  existed stop."""
+  return (str(train.get("on_nonfinite", "stop")),
+          int(train.get("max_nonfinite", DEFAULT_MAX_NONFINITE)))
 
 
 def check_policy(policy: str, limit: int) -> None:

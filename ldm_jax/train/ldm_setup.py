@@ -87,11 +87,9 @@ def check_config(config: ml_collections.ConfigDict):
   if not 1 <= config.sample.steps <= config.diffusion.timesteps:
     raise ValueError(f"sample.steps={config.sample.steps} must be in [1, "
                      f"{config.diffusion.timesteps}]")
-  loop.check_train_config(config.train)
+  loop.LoopSpec.from_config(config.train)
   if config.data.batch_size < 1:
     raise ValueError(f"data.batch_size={config.data.batch_size} must be >= 1")
-  from ldm_jax.train import guard
-  guard.check_policy(*guard.guard_settings(config))
   if int(config.optim.get("accumulate_grad_batches", 1)) != 1:
     # The LDM step makes one update per batch; accepting the key would only scale the
     # learning rate (scale_lr) for an accumulation that never happens.

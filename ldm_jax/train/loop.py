@@ -30,7 +30,7 @@ from ldm_jax.data.pipeline import data_report, skipped_records
 from ldm_jax.logs import line_notes
 from ldm_jax.train import checkpoint, resume
 from ldm_jax.train import mesh as mesh_lib
-from ldm_jax.train.guard import NonFiniteGuard, guard_settings
+from ldm_jax.train.guard import NonFiniteGuard, check_policy, guard_settings
 from ldm_jax.train.preemption import PreemptionFlag
 
 # (state, step, writer) -> scalars for the run's result (may be empty).
@@ -43,18 +43,36 @@ TRAIN_KEYS = frozenset({
     "sharding_rules", "max_unsharded_fraction"})
 
 
-def check_train_config(train: ml_collections.ConfigDict) -> None:
-  """The loop's `train` values, checked before anything is built (the mesh itself is
-  checked when it is made: it needs the devices)."""
-  for key in ("num_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
-    if int(train[key]) < 1:
-      raise ValueError(f"train.{key}={train[key]} must be >= 1")
-  if int(train.get("preemption_every", 10)) < 1:
-    raise ValueError(f"train.preemption_every={train.preemption_every} must be >= 1")
-  mesh_lib.rules_from_config(train)  # well-formed rules
-  fraction = mesh_lib.max_unsharded_fraction(train)
-  if not 0.0 <= fraction <= 1.0:
-    raise ValueError(f"train.max_unsharded_fraction={fraction} must be in [0, 1]")
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+  """The loop's side of the `train` block, read and checked once (the mesh is checked
+  when it is made: that needs the devices). Runs saved before a key existed get its
+  default."""
+
+  num_steps: int
+  log_every: int
+  ckpt_every: int
+  keep_checkpoints: int
+  eval_at_start: bool = True
+  preemption_every: int = 10
+  on_nonfinite: str = "stop"
+  max_nonfinite: int = 100
+
+  @classmethod
+  def from_config(cls, train: ml_collections.ConfigDict) -> "LoopSpec":
+    for key in ("num_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints",
+                "preemption_every"):
+      if key in train and int(train[key]) < 1:
+        raise ValueError(f"train.{key}={train[key]} must be >= 1")
+    mesh_lib.rules_from_config(train)  # well-formed rules
+    fraction = mesh_lib.max_unsharded_fraction(train)
+    if not 0.0 <= fraction <= 1.0:
+      raise ValueError(f"train.max_unsharded_fraction={fraction} must be in [0, 1]")
+    policy, limit = guard_settings(train)
+    check_policy(policy, limit)
+    return cls(int(train.num_steps), int(train.log_every), int(train.ckpt_every),
+               int(train.keep_checkpoints), bool(train.get("eval_at_start", True)),
+               int(train.get("preemption_every", 10)), policy, limit)
 
 
 @dataclasses.dataclass
@@ -89,14 +107,15 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   logged and evaluated scalars."""
   config = resume.prepare(config, workdir)  # refuses another run's workdir, writes nothing
   stage = setup(config, workdir)  # everything checked and loaded; still nothing written
-  nonfinite = NonFiniteGuard(stage.guarded, *guard_settings(config))
+  spec = LoopSpec.from_config(config.train)
+  nonfinite = NonFiniteGuard(stage.guarded, spec.on_nonfinite, spec.max_nonfinite)
 
   fs.makedirs(workdir)
   shardings = stage.layout.state_shardings(stage.state)
   logging.info("%s: %s", stage.name, stage.layout.check(stage.state, shardings))
   state = jax.device_put(stage.state, shardings)
   iterator = stage.make_iterator()
-  manager = checkpoint.make_manager(workdir, int(config.train.keep_checkpoints))
+  manager = checkpoint.make_manager(workdir, spec.keep_checkpoints)
   last_saved = manager.latest_step()
   if last_saved is not None:
     logging.info("resuming from the checkpoint at step %d", last_saved)
@@ -107,11 +126,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   state = started.state
 
   writer = fs.metric_writer(workdir, just_logging=jax.process_index() > 0)
-  num_steps = int(config.train.num_steps)
-  log_every, ckpt_every = int(config.train.log_every), int(config.train.ckpt_every)
+  num_steps, log_every, ckpt_every = spec.num_steps, spec.log_every, spec.ckpt_every
   progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                              every_steps=log_every)
-  preemption = PreemptionFlag(every=int(config.train.get("preemption_every", 10)))
+  preemption = PreemptionFlag(every=spec.preemption_every)
   step = first_step = int(jax.device_get(state.step))
   results: dict = {}
   totals, count, t_log = None, 0, time.time()
@@ -121,7 +139,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       if final or step % every == 0:
         results.update(action(state, step, writer) or {})
 
-  if step == 0 and config.train.get("eval_at_start", True):
+  if step == 0 and spec.eval_at_start:
     run_actions(0, final=False)
   try:
     while step < num_steps:
