@@ -41,6 +41,12 @@ _IMAGE = flags.DEFINE_string("image", None, "Super-resolution: the low-res image
                              "the image to repaint.")
 _MASK = flags.DEFINE_string("mask", None, "Inpainting: a mask of the image's size, white "
                             "where the model repaints.")
+_TILE = flags.DEFINE_integer("tile", 0, "Decode in overlapping tiles of this many pixels "
+                             "(a multiple of the first stage's factor; 0: whole images), "
+                             "for images whose decode does not fit in memory.",
+                             lower_bound=0)
+_TILE_OVERLAP = flags.DEFINE_float("tile_overlap", 0.25, "Tiles' overlap, as a fraction "
+                                   "of the tile.", lower_bound=0.0, upper_bound=0.5)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the newest.")
 _FIRST_STAGE = flags.DEFINE_string("first_stage", None,
@@ -68,6 +74,10 @@ def main(argv):
     step = checkpoint.resolve_step(workdir, _STEP.value)
     if _NEGATIVE.value is not None and config.cond.kind != "text":
       raise ValueError("--negative_prompt needs a text-conditional model")
+    factor = int(config.first_stage.downsample_factor)
+    if _TILE.value % factor:
+      raise ValueError(f"--tile={_TILE.value} must be a multiple of the first stage's "
+                       f"downsampling factor {factor}")
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}") from None
   if _GUIDANCE.value is not None and _GUIDANCE.value < 0:
@@ -101,7 +111,7 @@ def main(argv):
   negative = None
   if _NEGATIVE.value is not None:
     negative = {"tokens": np.repeat(tokenizer(config)([_NEGATIVE.value]), _NUM.value, 0)}
-  sampler = make_sampler(run)
+  sampler = make_sampler(run, tile=_TILE.value, overlap=_TILE_OVERLAP.value)
   logging.info("sampling %d images from step %d: %s, %d steps, guidance %.2f", _NUM.value,
                step, config.sample.sampler, config.sample.steps, config.sample.guidance_scale)
   images = []

@@ -99,8 +99,12 @@ def _iterator(run: LDMRun):
                         seed=int(config.data.seed), conditions=condition_spec(config))
 
 
-def make_sampler(run: LDMRun):
-  """jit(state, fields, first_stage_state, key, num=, negative=None) -> images in [-1, 1].
+def make_sampler(run: LDMRun, tile: int = 0, overlap: float = 0.25):
+  """(state, fields, first_stage_state, key, num=, negative=None) -> images in [-1, 1].
+
+  One jitted program samples and decodes; with `tile` (sample pixels) smaller than the
+  image, the program stops at the latents and the first stage decodes them in overlapping
+  tiles (`models.tiling.tiled_decode`), so the decoder's memory follows the tile.
 
   `fields` holds the class / text fields and the concat inputs (`sampler_fields`); the
   images are `data.image_size` square, or sized by the concat input (a low-res image times
@@ -113,7 +117,7 @@ def make_sampler(run: LDMRun):
   fs_def = programs.first_stage_def
   concat_spec = programs.concat
 
-  def sample(state, fields, fs_state, key, num: int, negative=None):
+  def sample_latents(state, fields, fs_state, key, num: int, negative=None):
     """`negative`: condition fields to guide away from, instead of the null condition."""
     model = ldm_step.eval_model(programs, state)
     noise_key, sampler_key = jax.random.split(key)
@@ -130,9 +134,22 @@ def make_sampler(run: LDMRun):
     z = samplers.sample(sample_cfg.sampler, fn, x, programs.schedule, int(sample_cfg.steps),
                         parameterization=programs.loss.parameterization,
                         eta=float(sample_cfg.eta), key=sampler_key)
-    return first_stage.decode(nnx.merge(fs_def, fs_state), z, state.scale_factor)
+    return z / state.scale_factor  # the first stage's own latents
 
-  return jax.jit(sample, static_argnames=("num",))
+  def sample(state, fields, fs_state, key, num: int, negative=None):
+    z = sample_latents(state, fields, fs_state, key, num, negative)
+    return nnx.merge(fs_def, fs_state).decode(z)
+
+  if not tile:
+    return jax.jit(sample, static_argnames=("num",))
+  from ldm_jax.models.tiling import tiled_decode
+  latents = jax.jit(sample_latents, static_argnames=("num",))
+
+  def sample_tiled(state, fields, fs_state, key, num: int, negative=None):
+    z = latents(state, fields, fs_state, key, num=num, negative=negative)
+    return tiled_decode(nnx.merge(fs_def, fs_state), z, tile, overlap)
+
+  return sample_tiled
 
 
 def sampler_fields(run: LDMRun, batch: dict, seed: int = 0) -> dict:
