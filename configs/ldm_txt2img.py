@@ -3,9 +3,10 @@
 Published: latents scaled by 0.18215, model_channels 320, channel_mult (1, 2, 4, 4),
 SpatialTransformers with 8 heads at downsample factors 4, 2, 1 attending to a 1280-wide
 context from a text transformer (32 layers, 8 heads of 64, vocabulary 30522, 77 tokens)
-trained jointly; betas 0.00085..0.012; base learning rate 5e-5 (batch 64 is our choice:
-the published config names none). Tokens: bytes by default,
-or BERT WordPiece with `--config.cond.vocab_file=vocab.txt` (bert-base-uncased's vocabulary
+trained jointly; betas 0.00085..0.012; base learning rate 5e-5. Batch 32 is our choice
+(the published config names none): 4 images per device on 8 devices, 2.7 + 9.7 GiB with
+the state split over each host (bench/README.md, scaling.py). Tokens: bytes by default, or
+BERT WordPiece with `--config.cond.vocab_file=vocab.txt` (bert-base-uncased's vocabulary
 is what the published model used). Condition dropout 0.1 is our choice, for guidance.
 """
 
@@ -24,7 +25,7 @@ def get_config(arg=None):
       diffusion=dict(linear_start=0.00085, linear_end=0.012),
       cond=dict(kind="text", text_width=1280, text_depth=32, text_heads=8, text_head_dim=64,
                 dropout_prob=0.1),
-      batch_size=64, base_learning_rate=5e-5, image_size=256, arg=arg)
+      batch_size=32, base_learning_rate=5e-5, image_size=256, arg=arg)
   if arg is None:
     # fp32 weights, Adam moments and EMA of the 872M UNet and the 0.5B text transformer
     # are 22 GiB per device replicated: split them over the devices of each host

@@ -74,10 +74,7 @@ def main(argv):
     step = checkpoint.resolve_step(workdir, _STEP.value)
     if _NEGATIVE.value is not None and config.cond.kind != "text":
       raise ValueError("--negative_prompt needs a text-conditional model")
-    factor = int(config.first_stage.downsample_factor)
-    if _TILE.value % factor:
-      raise ValueError(f"--tile={_TILE.value} must be a multiple of the first stage's "
-                       f"downsampling factor {factor}")
+
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}") from None
   if _GUIDANCE.value is not None and _GUIDANCE.value < 0:
@@ -102,6 +99,10 @@ def main(argv):
     fields = condition_fields(config, _NUM.value, _CLASS.value, _PROMPT.value)
     run = build_run(config, workdir, check_training_data=False)
     fields.update(concat_fields(config, run.spec, _NUM.value, _IMAGE.value, _MASK.value))
+    factor = run.first_stage.spec.downsample_factor
+    if _TILE.value % factor:
+      raise ValueError(f"--tile={_TILE.value} must be a multiple of the first stage's "
+                       f"downsampling factor {factor}")
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}") from None
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -262,7 +262,7 @@ def test_checkpoint_steps_and_first_stage_override(run, tmp_path):
      "'train'?); its top-level keys: data, eval, loss, model, optim, train"),
     ("--config.train.mesh.dta=1",
      "error: --config.train.mesh.dta: the `train.mesh` block has no key 'dta' (did you mean "
-     "'data'?); its keys: data, fsdp"),
+     "'data'?); its keys: data, dcn_data, fsdp"),
 ])
 def test_unknown_config_key_is_one_line(override, expected):
   """ml_collections' own failure (three chained tracebacks), explained by the parser the

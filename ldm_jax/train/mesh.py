@@ -27,7 +27,7 @@ How an array is split is stated in two steps, the style of MaxDiffusion's
    Activations are named where the models constrain them (`layers.NHWC`, `layers.BLC`:
    ("batch", "height", "width", "channels") and ("batch", "length", "channels")).
 
-2. **Rules** (`train.sharding_rules`, default `DEFAULT_RULES`): (logical name, mesh axes)
+2. **Rules** (`train.sharding_rules`, then `DEFAULT_RULES`): (logical name, mesh axes)
    pairs, where the mesh axes are an axis name, a tuple of them, or None (stay whole).
    A dimension takes the first rule for its name whose mesh axes exist, are not used by
    another dimension of the same array, and divide it; a None rule, or no fitting rule,
@@ -258,9 +258,10 @@ def normalize_rules(rules: Iterable | None) -> Rules:
 
 
 def rules_from_config(train_config: Mapping[str, Any] | None) -> Rules:
-  """`train.sharding_rules` of a config (the defaults for runs saved before the key)."""
-  rules = (train_config or {}).get("sharding_rules", None)
-  return normalize_rules(rules if rules else None)
+  """`train.sharding_rules` of a config, followed by `DEFAULT_RULES`: a name's first rule
+  wins, so the config's rules override the defaults for the names they mention."""
+  rules = (train_config or {}).get("sharding_rules", None) or ()
+  return normalize_rules(tuple(rules) + DEFAULT_RULES)
 
 
 def max_unsharded_fraction(train_config: Mapping[str, Any] | None) -> float:
