@@ -546,17 +546,25 @@ def atomic_path(path: str | os.PathLike, kind: str, *, overwrite: bool = False
     raise OutputError(f"cannot write in {path.parent}: {e.strerror or e}") from None
   tmp = container / path.name
   try:
-    try:
+    with _scratch_errors(container, path):
       yield tmp
       _check_written(tmp, path, kind)
       _swap(tmp, path)
-    except OSError as e:
-      names = [str(n) for n in (e.filename, e.filename2) if n is not None]
-      if any(n.startswith(str(container)) for n in names):
-        raise OutputError(f"could not write {path}: {e.strerror or e}") from e
-      raise
   finally:
     shutil.rmtree(container, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _scratch_errors(scratch: Path, path) -> Iterator[None]:
+  """An OSError about a file in the scratch folder becomes an OutputError naming the
+  target (the scratch path means nothing to the user); others pass through."""
+  try:
+    yield
+  except OSError as e:
+    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+    if any(n.startswith(str(scratch)) for n in names):
+      raise OutputError(f"could not write {path}: {e.strerror or e}") from e
+    raise
 
 
 @contextlib.contextmanager
@@ -566,15 +574,10 @@ def _atomic_remote(path, kind: str) -> Iterator[Path]:
   staging = Path(tempfile.mkdtemp(prefix=f"ldm_jax-staging-{path.name}-"))
   tmp = staging / path.name
   try:
-    try:
+    with _scratch_errors(staging, path):
       yield tmp
       _check_written(tmp, path, kind)
       _publish_remote(tmp, path)
-    except OSError as e:
-      names = [str(n) for n in (e.filename, e.filename2) if n is not None]
-      if any(n.startswith(str(staging)) for n in names):
-        raise OutputError(f"could not write {path}: {e.strerror or e}") from e
-      raise
   finally:
     shutil.rmtree(staging, ignore_errors=True)
 

@@ -109,6 +109,24 @@ def images():
   return np.clip(smooth[None] + noise, -1, 1).astype(np.float32)
 
 
+def autoencoder_checkpoint(workdir) -> tuple[int, dict]:
+  """(step, {leaf path: array}) of a first-stage workdir's newest checkpoint (local or
+  gs://), restored onto one device whatever mesh saved it."""
+  import json
+  import ml_collections
+  from ldm_jax.train import checkpoint
+  from ldm_jax.train.autoencoder_setup import abstract_state, build_programs
+  config = ml_collections.ConfigDict(json.loads(fs.read_text(fs.join(str(workdir),
+                                                                       "config.json"))))
+  spec, programs = build_programs(config)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        abstract_state(config, spec, programs))
+  state, step = checkpoint.restore_state_only(str(workdir), target)
+  return step, {jax.tree_util.keystr(k): np.asarray(v)
+                for k, v in jax.tree_util.tree_leaves_with_path(state)}
+
+
 GCS_TEST_BUCKET = "ldm-jax-test"
 
 

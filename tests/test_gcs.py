@@ -18,13 +18,12 @@ import tempfile
 import uuid
 from pathlib import Path
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
 from absl import flags
 
-from conftest import cpu_env
+from conftest import autoencoder_checkpoint as _state, cpu_env
 from ldm_jax import fs, outputs
 from ldm_jax.outputs import OutputError
 
@@ -201,20 +200,6 @@ def _wait_for(proc, needle, timeout=600):
     seen.append(line)
     if needle in line:
       return
-
-
-def _state(workdir):
-  """(step, {leaf path: array}) of a first-stage workdir's newest checkpoint."""
-  from ldm_jax.train import checkpoint
-  from ldm_jax.train.autoencoder_setup import abstract_state, build_programs
-  config = ml_collections.ConfigDict(json.loads(fs.read_text(fs.join(workdir, "config.json"))))
-  spec, programs = build_programs(config)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        abstract_state(config, spec, programs))
-  state, step = checkpoint.restore_state_only(workdir, target)
-  return step, {jax.tree_util.keystr(k): np.asarray(v)
-                for k, v in jax.tree_util.tree_leaves_with_path(state)}
 
 
 def _no_local_gs(*, below=(), top=()):

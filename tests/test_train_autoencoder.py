@@ -9,14 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import ml_collections
 import numpy as np
 import pytest
 
 from ldm_jax.train import checkpoint
-from ldm_jax.train.autoencoder_setup import abstract_state, build_programs
-from conftest import cpu_env
+from conftest import autoencoder_checkpoint, cpu_env
 
 STEPS = 8
 
@@ -43,17 +40,7 @@ def _run(workdir, *overrides):
   return proc.stderr
 
 
-def _final_state(workdir):
-  import json
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  spec, programs = build_programs(config)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        abstract_state(config, spec, programs))
-  state, step = checkpoint.restore_state_only(workdir, target)
-  return step, {jax.tree_util.keystr(k): np.asarray(v)
-                for k, v in jax.tree_util.tree_leaves_with_path(state)}
+_final_state = autoencoder_checkpoint
 
 
 def _assert_same(a, b):

@@ -23,6 +23,13 @@ from ldm_jax.models.autoencoder import (AutoencoderSpec, abstract_autoencoder,
 
 SPEC_METADATA_KEY = "ldm_jax.autoencoder_spec"
 _DIFFUSERS_DEFAULT_SCALING = 0.18215
+# diffusers config.json fields that name a spec option: diffusers name -> AutoencoderSpec field.
+_DIFFUSERS_OPTIONS = {"use_quant_conv": "use_quant_conv",
+                      "use_post_quant_conv": "use_post_quant_conv",
+                      "mid_block_add_attention": "mid_block_attention"}
+# config.json fields that describe the latent, not the network: kept when read so that an
+# export can write them back (SD3 and FLUX.1 shift their latents as well as scale them).
+_DIFFUSERS_LATENT_FIELDS = ("scaling_factor", "shift_factor", "force_upcast")
 
 
 @dataclasses.dataclass
@@ -35,23 +42,29 @@ class AutoencoderWeights:
   source: str
   resolution: int | None = None  # sample size when the source says it
   spec: AutoencoderSpec | None = None  # when the source carries ldm_jax's spec
+  # A diffusers folder's config.json: spec options (`_DIFFUSERS_OPTIONS`, by spec field
+  # name) and latent fields (`_DIFFUSERS_LATENT_FIELDS`), only those the file states.
+  options: dict[str, bool] = dataclasses.field(default_factory=dict)
+  latent: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def read_autoencoder_weights(path: str | os.PathLike) -> AutoencoderWeights:
   """Reads any accepted source: a diffusers folder, a .safetensors or a torch checkpoint,
   local or gs:// (ldm_jax.fs)."""
   path = fs.path(path)
-  resolution, spec = None, None
+  resolution, spec, options, latent = None, None, {}, {}
   if path.is_dir():
-    folder = path / "vae" if (path / "vae" / DIFFUSERS_WEIGHTS).is_file() else path
+    folder = _diffusers_folder(path)
     weights_file = folder / DIFFUSERS_WEIGHTS
     if not weights_file.is_file():
       raise WeightFileError(f"{path} is a folder without {DIFFUSERS_WEIGHTS} (nor vae/"
                             f"{DIFFUSERS_WEIGHTS}); pass a diffusers model folder or a file")
     tensors = read_tensors(weights_file)
-    config_file = folder / "config.json"
-    if config_file.is_file():
-      resolution = json.loads(config_file.read_text()).get("sample_size")
+    config = _read_diffusers_config(folder)
+    resolution = config.get("sample_size")
+    options = {field: bool(config[name]) for name, field in _DIFFUSERS_OPTIONS.items()
+               if name in config}
+    latent = {name: config[name] for name in _DIFFUSERS_LATENT_FIELDS if name in config}
   elif not path.exists():
     raise WeightFileError(f"no weights at {path}")
   else:
@@ -66,7 +79,42 @@ def read_autoencoder_weights(path: str | os.PathLike) -> AutoencoderWeights:
   if layout == "diffusers":
     model = keymaps.diffusers_to_compvis(model)
   return AutoencoderWeights(model, loss, layout, str(path),
-                            resolution if isinstance(resolution, int) else None, spec)
+                            resolution if isinstance(resolution, int) else None, spec,
+                            options, latent)
+
+
+def _diffusers_folder(path):
+  """The model folder of a diffusers model or pipeline folder (its vae/)."""
+  return path / "vae" if (path / "vae" / DIFFUSERS_WEIGHTS).is_file() else path
+
+
+def _read_diffusers_config(folder) -> dict:
+  config_file = folder / "config.json"
+  if not config_file.is_file():
+    return {}
+  try:
+    config = json.loads(config_file.read_text())
+  except ValueError as err:
+    raise WeightFileError(f"{config_file} is not valid JSON: {err}") from err
+  if not isinstance(config, dict):
+    raise WeightFileError(f"{config_file} holds a {type(config).__name__}, not an object")
+  return config
+
+
+def diffusers_latent_scaling(path: str | os.PathLike) -> dict[str, Any] | None:
+  """`scaling_factor`, `shift_factor` and `force_upcast` from a diffusers model or
+  pipeline folder's config.json, only those it states; None for any other source.
+
+  The result is keyword arguments for `save_autoencoder`, so a re-export (after
+  fine-tuning, say) keeps the latent normalization the folder came with:
+  `save_autoencoder(model, out, **(diffusers_latent_scaling(src) or {}))`.
+  """
+  path = fs.path(path)
+  if not path.is_dir():
+    return None
+  config = _read_diffusers_config(_diffusers_folder(path))
+  found = {name: config[name] for name in _DIFFUSERS_LATENT_FIELDS if name in config}
+  return found or None
 
 
 def infer_spec(tensors: dict[str, np.ndarray], resolution: int | None = None) -> AutoencoderSpec:
@@ -85,14 +133,27 @@ def infer_spec(tensors: dict[str, np.ndarray], resolution: int | None = None) ->
                  if any(k.startswith(f"encoder.down.{i}.attn.") for k in tensors)]
   has_mid_attn = any(k.startswith("encoder.mid.attn_1.") for k in tensors)
   kind = "vq" if "quantize.embedding.weight" in tensors else "kl"
+  z_channels = shape("decoder.conv_in.weight")[1]
+  # SD3 / FLUX.1 VAEs have no quant convs: the latent is then the encoder's output.
+  use_quant_conv = "quant_conv.weight" in tensors
+  use_post_quant_conv = "post_quant_conv.weight" in tensors
+  if use_post_quant_conv:
+    embed_dim = shape("post_quant_conv.weight")[1]
+  elif use_quant_conv:  # a KL quant conv gives mean and logvar: 2 * embed_dim outputs
+    embed_dim = shape("quant_conv.weight")[0] // (2 if kind == "kl" else 1)
+  else:
+    embed_dim = z_channels
   values: dict[str, Any] = dict(
       kind=kind, resolution=resolution, ch=ch, ch_mult=ch_mult, num_res_blocks=len(blocks),
       in_channels=shape("encoder.conv_in.weight")[1],
       out_ch=shape("decoder.conv_out.weight")[0],
       attn_resolutions=tuple(resolution // 2**i for i in attn_levels),
       attn_type="vanilla" if has_mid_attn or attn_levels else "none",
-      z_channels=shape("decoder.conv_in.weight")[1],
-      embed_dim=shape("post_quant_conv.weight")[1])
+      # With no attention at all attn_type="none" says it; mid_block_attention keeps its
+      # default then, so equal architectures get equal specs.
+      mid_block_attention=has_mid_attn or not attn_levels,
+      z_channels=z_channels, embed_dim=embed_dim, use_quant_conv=use_quant_conv,
+      use_post_quant_conv=use_post_quant_conv)
   if kind == "vq":
     values["n_embed"] = shape("quantize.embedding.weight")[0]
     if "quantize.used" in tensors:
@@ -121,12 +182,29 @@ def load_autoencoder(path: str | os.PathLike, config: Any = None):
   weights = read_autoencoder_weights(path)
   if config is not None:
     spec = spec_from(config)
+  elif weights.spec is not None:
+    spec = weights.spec
   else:
-    spec = weights.spec or infer_spec(weights.model, weights.resolution)
+    spec = _with_options(infer_spec(weights.model, weights.resolution), weights.options)
   model = abstract_autoencoder(spec)
   import_state(model, weights.model, f"{weights.source} ({weights.layout} layout)",
                hint=_describe_weights(weights))
   return model
+
+
+def _with_options(spec: AutoencoderSpec, options: dict[str, bool]) -> AutoencoderSpec:
+  """`spec` with the options a config.json states. They agree with the tensor names in any
+  folder diffusers wrote; where they do not, the load fails naming the tensors."""
+  options = dict(options)
+  if spec.attn_type == "none":  # no attention anywhere: mid_block_attention is moot
+    options.pop("mid_block_attention", None)
+  if not options:
+    return spec
+  try:
+    return dataclasses.replace(spec, **options)
+  except ValueError as err:
+    raise StateMismatchError(f"the config.json options {options} do not fit the weights: "
+                             f"{err}") from err
 
 
 def _describe_weights(weights: AutoencoderWeights) -> str:
@@ -138,18 +216,23 @@ def _describe_weights(weights: AutoencoderWeights) -> str:
           f"The weights look like: kind={found.kind} ch={found.ch} ch_mult={found.ch_mult} "
           f"num_res_blocks={found.num_res_blocks} attn_resolutions={found.attn_resolutions} "
           f"(at resolution {found.resolution}) z_channels={found.z_channels} "
-          f"embed_dim={found.embed_dim}" + (f" n_embed={found.n_embed}" if found.kind == "vq"
-                                            else ""))
+          f"embed_dim={found.embed_dim} use_quant_conv={found.use_quant_conv} "
+          f"use_post_quant_conv={found.use_post_quant_conv} "
+          f"mid_block_attention={found.mid_block_attention}"
+          + (f" n_embed={found.n_embed}" if found.kind == "vq" else ""))
 
 
 def save_autoencoder(model, path: str | os.PathLike, format: str = "diffusers",
-                     scaling_factor: float = _DIFFUSERS_DEFAULT_SCALING, *,
+                     scaling_factor: float = _DIFFUSERS_DEFAULT_SCALING,
+                     shift_factor: float | None = None, *, force_upcast: bool | None = None,
                      overwrite: bool = False) -> None:
   """Writes `model` for PyTorch users, atomically.
 
   format="compvis": one .safetensors file with CompVis keys (ldm_jax's spec in its
   metadata). format="diffusers": a folder loadable with `AutoencoderKL.from_pretrained`
-  (or `VQModel.from_pretrained`); `scaling_factor` goes into its config.json. A previous
+  (or `VQModel.from_pretrained`); `scaling_factor`, `shift_factor` and `force_upcast`
+  go into its config.json (`diffusers_latent_scaling` reads them from a source folder,
+  to write them back). A previous
   autoencoder export at `path` is replaced; anything else there is refused unless
   `overwrite` (see ldm_jax.outputs).
   """
@@ -164,7 +247,7 @@ def save_autoencoder(model, path: str | os.PathLike, format: str = "diffusers",
     write_safetensors(tensors, path, {SPEC_METADATA_KEY: json.dumps(_spec_json(spec))},
                       kind=outputs.AUTOENCODER, overwrite=overwrite)
   else:
-    config = diffusers_config(spec, scaling_factor)
+    config = diffusers_config(spec, scaling_factor, shift_factor, force_upcast=force_upcast)
     write_diffusers_folder(keymaps.compvis_to_diffusers(tensors), config, path,
                            kind=outputs.AUTOENCODER, overwrite=overwrite)
 
@@ -176,8 +259,15 @@ def _spec_json(spec: AutoencoderSpec) -> dict:
   return values
 
 
-def diffusers_config(spec: AutoencoderSpec, scaling_factor: float) -> dict:
-  """config.json for diffusers' AutoencoderKL / VQModel describing `spec`."""
+def diffusers_config(spec: AutoencoderSpec, scaling_factor: float = _DIFFUSERS_DEFAULT_SCALING,
+                     shift_factor: float | None = None, *,
+                     force_upcast: bool | None = None) -> dict:
+  """config.json for diffusers' AutoencoderKL / VQModel describing `spec`.
+
+  `shift_factor` (latents = (z - shift) * scale, as SD3 and FLUX.1 use) is written for
+  AutoencoderKL only, VQModel has none. `force_upcast` None keeps diffusers' defaults:
+  True for AutoencoderKL (SD-family VAEs overflow in float16), False for VQModel.
+  """
   problems = []
   if spec.ch_mult[0] != 1:
     problems.append("ch_mult[0] must be 1 (diffusers' encoder has no separate stem width)")
@@ -185,6 +275,10 @@ def diffusers_config(spec: AutoencoderSpec, scaling_factor: float) -> dict:
     problems.append("diffusers' AutoencoderKL needs z_channels == embed_dim")
   if spec.kind == "vq" and spec.remap is not None:
     problems.append("diffusers' VQModel has no index remap")
+  if spec.kind == "vq" and not (spec.use_quant_conv and spec.use_post_quant_conv):
+    problems.append("diffusers' VQModel always has quant_conv and post_quant_conv")
+  if spec.kind == "vq" and shift_factor is not None:
+    problems.append("diffusers' VQModel has no shift_factor")
   if problems:
     raise ValueError("cannot export to the diffusers layout: " + "; ".join(problems)
                      + "; use format='compvis'")
@@ -199,13 +293,17 @@ def diffusers_config(spec: AutoencoderSpec, scaling_factor: float) -> dict:
       block_out_channels=[spec.ch * m for m in spec.ch_mult],
       layers_per_block=spec.num_res_blocks, act_fn="silu", norm_num_groups=32,
       sample_size=spec.resolution, scaling_factor=scaling_factor,
-      mid_block_add_attention=spec.attn_type == "vanilla")
+      mid_block_add_attention=spec.attn_type == "vanilla" and spec.mid_block_attention)
   if spec.kind == "kl":
     return dict(_class_name="AutoencoderKL", latent_channels=spec.z_channels,
-                force_upcast=True, use_quant_conv=True, use_post_quant_conv=True, **common)
+                shift_factor=shift_factor,
+                force_upcast=True if force_upcast is None else bool(force_upcast),
+                use_quant_conv=spec.use_quant_conv,
+                use_post_quant_conv=spec.use_post_quant_conv, **common)
   return dict(_class_name="VQModel", latent_channels=spec.z_channels,
               vq_embed_dim=spec.embed_dim, num_vq_embeddings=spec.n_embed, norm_type="group",
-              lookup_from_codebook=False, force_upcast=False, **common)
+              lookup_from_codebook=False,
+              force_upcast=False if force_upcast is None else bool(force_upcast), **common)
 
 
 def torch_keys(spec: AutoencoderSpec) -> list[str]:
@@ -214,4 +312,4 @@ def torch_keys(spec: AutoencoderSpec) -> list[str]:
 
 
 __all__ = ["load_autoencoder", "save_autoencoder", "read_autoencoder_weights", "infer_spec",
-           "diffusers_config", "build_autoencoder", "torch_keys"]
+           "diffusers_config", "diffusers_latent_scaling", "build_autoencoder", "torch_keys"]

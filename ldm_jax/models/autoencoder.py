@@ -42,6 +42,13 @@ class AutoencoderSpec:
   legacy: bool = True
   remap: Any = None
   unknown_index: Any = "random"
+  # The 1x1 convs around the latent and the mid-level attention are optional because
+  # later VAEs drop them: SD3 and FLUX.1 have neither quant conv (their 16-channel encoder
+  # output is the posterior's moments as is); some diffusers VAEs lack mid attention
+  # (diffusers' `mid_block_add_attention`).
+  use_quant_conv: bool = True
+  use_post_quant_conv: bool = True
+  mid_block_attention: bool = True  # only with attn_type="vanilla"
   dtype: str = "float32"  # compute dtype; parameters are always float32
   remat: bool = False  # rematerialize each block in the backward pass
 
@@ -59,6 +66,13 @@ class AutoencoderSpec:
       if width % 32:
         problems.append(f"channel width {width} (ch * ch_mult) is not a multiple of 32, "
                         "which GroupNorm(32) needs")
+    # Without a quant conv nothing maps between the encoder/decoder width (z_channels)
+    # and the latent (embed_dim), so the two must agree.
+    for flag, joins in (("use_quant_conv", "the encoder output straight to the latent"),
+                        ("use_post_quant_conv", "the latent straight to the decoder")):
+      if not getattr(self, flag) and self.embed_dim != self.z_channels:
+        problems.append(f"{flag}=False feeds {joins}, so embed_dim ({self.embed_dim}) must "
+                        f"equal z_channels ({self.z_channels})")
     if problems:
       raise ValueError("invalid autoencoder config: " + "; ".join(problems))
 
@@ -173,7 +187,7 @@ class Mid(nnx.Module):
     dtype = spec.compute_dtype
     self.block_1 = ResnetBlock(channels, channels, dropout=spec.dropout, dtype=dtype, rngs=rngs)
     self.attn_1 = (AttnBlock(channels, dtype=dtype, rngs=rngs)
-                   if spec.attn_type == "vanilla" else None)
+                   if spec.attn_type == "vanilla" and spec.mid_block_attention else None)
     self.block_2 = ResnetBlock(channels, channels, dropout=spec.dropout, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, rngs, remat: bool) -> jax.Array:
@@ -287,16 +301,21 @@ class AutoencoderKL(nnx.Module):
     dtype = spec.compute_dtype
     self.encoder = Encoder(spec, double_z=True, rngs=rngs)
     self.decoder = Decoder(spec, rngs=rngs)
-    self.quant_conv = conv(2 * spec.z_channels, 2 * spec.embed_dim, 1, padding="VALID",
-                           dtype=dtype, rngs=rngs)
-    self.post_quant_conv = conv(spec.embed_dim, spec.z_channels, 1, padding="VALID",
-                                dtype=dtype, rngs=rngs)
+    # Absent (None) when off, so the state holds exactly the tensors the weights have.
+    self.quant_conv = (conv(2 * spec.z_channels, 2 * spec.embed_dim, 1, padding="VALID",
+                            dtype=dtype, rngs=rngs) if spec.use_quant_conv else None)
+    self.post_quant_conv = _post_quant_conv(spec, rngs)
 
   def encode(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> DiagonalGaussian:
-    return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x, rngs)))
+    h = self.encoder(x, rngs)
+    return DiagonalGaussian.from_moments(h if self.quant_conv is None else self.quant_conv(h))
+
+  def post_quant(self, z: jax.Array) -> jax.Array:
+    """The latent as the decoder takes it (through post_quant_conv when there is one)."""
+    return z if self.post_quant_conv is None else self.post_quant_conv(z)
 
   def decode(self, z: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-    return self.decoder(self.post_quant_conv(z), rngs)
+    return self.decoder(self.post_quant(z), rngs)
 
   def __call__(self, x: jax.Array, key: jax.Array | None = None,
                rngs: nnx.Rngs | None = None) -> tuple[jax.Array, DiagonalGaussian]:
@@ -328,19 +347,23 @@ class VQModel(nnx.Module):
     self.quantize = VectorQuantizer(spec.n_embed, spec.embed_dim, beta=spec.beta,
                                     legacy=spec.legacy, remap=spec.remap,
                                     unknown_index=spec.unknown_index, rngs=rngs)
-    self.quant_conv = conv(spec.z_channels, spec.embed_dim, 1, padding="VALID", dtype=dtype,
-                           rngs=rngs)
-    self.post_quant_conv = conv(spec.embed_dim, spec.z_channels, 1, padding="VALID",
-                                dtype=dtype, rngs=rngs)
+    self.quant_conv = (conv(spec.z_channels, spec.embed_dim, 1, padding="VALID", dtype=dtype,
+                            rngs=rngs) if spec.use_quant_conv else None)
+    self.post_quant_conv = _post_quant_conv(spec, rngs)
 
   def encode(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-    return self.quant_conv(self.encoder(x, rngs)).astype(jnp.float32)
+    h = self.encoder(x, rngs)
+    return (h if self.quant_conv is None else self.quant_conv(h)).astype(jnp.float32)
+
+  def post_quant(self, z_q: jax.Array) -> jax.Array:
+    """The quantized latent as the decoder takes it."""
+    return z_q if self.post_quant_conv is None else self.post_quant_conv(z_q)
 
   def decode(self, h: jax.Array, force_not_quantize: bool = False,
              rngs: nnx.Rngs | None = None) -> jax.Array:
     if not force_not_quantize:
       h = self.quantize(h, remap=False).z_q
-    return self.decoder(self.post_quant_conv(h), rngs)
+    return self.decoder(self.post_quant(h), rngs)
 
   def decode_code(self, indices: jax.Array) -> jax.Array:
     """Images from (B, H, W) code indices."""
@@ -354,6 +377,14 @@ class VQModel(nnx.Module):
   @property
   def last_layer(self) -> nnx.Param:
     return self.decoder.conv_out.kernel
+
+
+def _post_quant_conv(spec: AutoencoderSpec, rngs: nnx.Rngs):
+  """latent (embed_dim) -> decoder input (z_channels), or None when the spec has none."""
+  if not spec.use_post_quant_conv:
+    return None
+  return conv(spec.embed_dim, spec.z_channels, 1, padding="VALID", dtype=spec.compute_dtype,
+              rngs=rngs)
 
 
 def build_autoencoder(spec: AutoencoderSpec, rngs: nnx.Rngs | None = None):

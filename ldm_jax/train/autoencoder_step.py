@@ -105,9 +105,9 @@ def _generator_forward(model, x: jax.Array, key: jax.Array):
   if model.spec.kind == "kl":
     posterior: DiagonalGaussian = model.encode(x)
     z = posterior.sample(key)
-    return model.decoder.features(model.post_quant_conv(z)), posterior
+    return model.decoder.features(model.post_quant(z)), posterior
   quantized = model.quantize(model.encode(x), key)
-  return model.decoder.features(model.post_quant_conv(quantized.z_q)), quantized.loss
+  return model.decoder.features(model.post_quant(quantized.z_q)), quantized.loss
 
 
 def actnorm_pending(disc_rest) -> jax.Array:
