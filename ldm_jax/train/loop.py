@@ -45,9 +45,9 @@ TRAIN_KEYS = frozenset({
 
 @dataclasses.dataclass(frozen=True)
 class LoopSpec:
-  """The loop's side of the `train` block, read and checked once (the mesh is checked
-  when it is made: that needs the devices). Runs saved before a key existed get its
-  default."""
+  """The loop's side of the `train` block, read and checked once (the mesh, the sharding
+  rules and max_unsharded_fraction are checked by mesh.Layout.from_config, when the mesh
+  is made: that needs the devices). Runs saved before a key existed get its default."""
 
   num_steps: int
   log_every: int
@@ -64,10 +64,6 @@ class LoopSpec:
                 "preemption_every"):
       if key in train and int(train[key]) < 1:
         raise ValueError(f"train.{key}={train[key]} must be >= 1")
-    mesh_lib.rules_from_config(train)  # well-formed rules
-    fraction = mesh_lib.max_unsharded_fraction(train)
-    if not 0.0 <= fraction <= 1.0:
-      raise ValueError(f"train.max_unsharded_fraction={fraction} must be in [0, 1]")
     policy, limit = guard_settings(train)
     check_policy(policy, limit)
     return cls(int(train.num_steps), int(train.log_every), int(train.ckpt_every),

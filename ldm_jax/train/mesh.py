@@ -51,6 +51,7 @@ EMA) and calls `check_sharded`, which fails a run with fsdp > 1 that leaves more
 from __future__ import annotations
 
 import contextlib
+import logging
 import dataclasses
 import functools
 import math
@@ -165,8 +166,10 @@ def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
   if dcn == 1:
     try:
       return jax.make_mesh((data, fsdp), AXES, devices=devices, **kwargs)
-    except (ValueError, NotImplementedError, AssertionError):
+    except (ValueError, NotImplementedError, AssertionError) as e:
       # A device subset make_mesh cannot lay out on the topology: plain order.
+      logging.warning("jax.make_mesh cannot lay out %d devices as %s (%s); using them in "
+                      "the order given", len(devices), (data, fsdp), e)
       return Mesh(np.asarray(devices).reshape(data, fsdp), AXES, **kwargs)
   from jax.experimental import mesh_utils
   granule = {} if hasattr(devices[0], "slice_index") else {"process_is_granule": True}
@@ -346,11 +349,6 @@ def state_shardings(mesh: Mesh, abstract_state: Any, rules: Iterable | None = No
       lambda path, leaf: NamedSharding(
           mesh, leaf_spec(mesh, path, tuple(getattr(leaf, "shape", ())), rules)),
       abstract_state)
-
-
-def fsdp_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-  """The default rules' sharding of an unnamed array (treated as a conv/linear kernel)."""
-  return NamedSharding(mesh, leaf_spec(mesh, (), shape, normalize_rules(None)))
 
 
 def batch_sharding(mesh: Mesh, leading_dims: int = 0,
