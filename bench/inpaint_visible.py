@@ -60,8 +60,7 @@ def main(argv):
     fields = {**cross, "image": images, "inpaint_mask": jnp.asarray(mask)}
     out = np.asarray(sampler(state, fields, run.first_stage_state, jax.random.key(0), num=n))
     rows[name] = psnr(out, np.asarray(images), visible)[keep]
-  recon = first_stage.decode(run.first_stage, first_stage.encode_mean(run.first_stage, images),
-                             1.0)
+  recon = run.first_stage.decode(first_stage.encode_mean(run.first_stage, images))
   rows["autoencoder reconstruction"] = psnr(np.asarray(recon), np.asarray(images),
                                             visible)[keep]
   print(f"step {step}, {int(keep.sum())} validation images of {size}x{size}, "

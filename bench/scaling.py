@@ -146,7 +146,9 @@ def _tree_bytes(tree) -> int:
   return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def compile_autoencoder(config, layout):
+def compile_autoencoder(config, layout, scan_micro_batches=True):
+  import dataclasses
+
   import jax
   from flax import nnx
 
@@ -159,6 +161,9 @@ def compile_autoencoder(config, layout):
     lpips_def, lpips_abstract = nnx.split(nnx.eval_shape(
         lambda: make_lpips(None, random_init=True)))
   spec, programs = build_programs(config, lpips_def)
+  # The step a GPU / TPU compiles (a scan over micro-batches) unless told otherwise;
+  # XLA:CPU's own steps unroll them (autoencoder_step.Programs.scan_micro_batches).
+  programs = dataclasses.replace(programs, scan_micro_batches=scan_micro_batches)
   state = abstract_state(config, spec, programs)
   shardings = layout.state_shardings(state)
   mesh = layout.mesh
@@ -223,7 +228,7 @@ def apply_overrides(config, overrides) -> None:
 
 
 def run_one(name: str, mesh_name: str, mesh_config: dict, per_device_batch: int | None,
-            hlo_dir: str | None, overrides=()) -> dict:
+            hlo_dir: str | None, overrides=(), micro_batches: str = "scan") -> dict:
   import jax
 
   from ldm_jax.train import mesh as mesh_lib
@@ -239,8 +244,11 @@ def run_one(name: str, mesh_name: str, mesh_config: dict, per_device_batch: int 
   mesh = layout.mesh
   start = time.perf_counter()
   is_ldm = config.get("stage") == "ldm"
-  lowered, state, shardings, grad_bytes = (compile_ldm if is_ldm else compile_autoencoder)(
-      config, layout)
+  if is_ldm:
+    lowered, state, shardings, grad_bytes = compile_ldm(config, layout)
+  else:
+    lowered, state, shardings, grad_bytes = compile_autoencoder(
+        config, layout, scan_micro_batches=micro_batches == "scan")
   compiled = lowered.compile()
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
@@ -257,7 +265,8 @@ def run_one(name: str, mesh_name: str, mesh_config: dict, per_device_batch: int 
   coll = collectives(hlo)
   return {
       "config": name, "devices": devices, "mesh": mesh_name, "shape": dict(mesh.shape),
-      "per_device_batch": per_device, "compile_s": round(seconds, 1),
+      "per_device_batch": per_device, "micro_batches": micro_batches,
+      "compile_s": round(seconds, 1),
       "argument_bytes": int(memory.argument_size_in_bytes),
       "output_bytes": int(memory.output_size_in_bytes),
       "alias_bytes": int(memory.alias_size_in_bytes),
@@ -276,7 +285,7 @@ def child(args) -> None:
     for mesh_name, mesh_config in meshes_for(jax.device_count(), meshes, config).items():
       try:
         row = run_one(name, mesh_name, mesh_config, args.per_device_batch, args.hlo_dir,
-                      args.set)
+                      args.set, args.micro_batches)
       except Exception as e:  # a configuration that cannot be built: report, go on
         row = {"config": name, "devices": jax.device_count(), "mesh": mesh_name,
                "error": f"{type(e).__name__}: {e}"[:500]}
@@ -320,6 +329,9 @@ def main() -> None:
   parser.add_argument("--set", action="append", default=[],
                       help="a config override for every config, e.g. "
                       "--set=optim.accumulate_grad_batches=1 (repeatable)")
+  parser.add_argument("--micro_batches", choices=("scan", "unroll"), default="scan",
+                      help="how the autoencoder step accumulates micro-batches: scan (what "
+                      "GPU / TPU compile) or unroll (what XLA:CPU runs)")
   parser.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -335,7 +347,7 @@ def main() -> None:
                         f" --xla_force_host_platform_device_count={devices}").strip()
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     command = [sys.executable, os.path.abspath(__file__), "--child", "--configs",
-               args.configs, "--meshes", args.meshes]
+               args.configs, "--meshes", args.meshes, "--micro_batches", args.micro_batches]
     if args.per_device_batch:
       command += ["--per_device_batch", str(args.per_device_batch)]
     command += [f"--set={item}" for item in args.set]

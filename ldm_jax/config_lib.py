@@ -26,12 +26,15 @@ def autoencoder_config(*, kind: str, embed_dim: int, z_channels: int, ch_mult: t
       kind=kind, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=tuple(ch_mult),
       num_res_blocks=2, attn_resolutions=tuple(attn_resolutions), attn_type=attn_type,
       dropout=0.0, z_channels=z_channels, embed_dim=embed_dim, n_embed=n_embed, beta=0.25,
-      legacy=True, remap=None, unknown_index="random", dtype="float32", remat=False)
+      legacy=True, remap=None, unknown_index="random", dtype="float32", remat=False,
+      # Later VAEs drop these (SD3 / FLUX.1: no quant convs); see AutoencoderSpec.
+      use_quant_conv=True, use_post_quant_conv=True, mid_block_attention=True)
   config.loss = dict(
       disc_start=50001, disc_weight=0.5, disc_factor=1.0, disc_num_layers=3, disc_ndf=64,
       disc_in_channels=3, disc_loss="hinge", use_actnorm=False, kl_weight=1e-6,
       codebook_weight=1.0, perceptual_weight=1.0, logvar_init=0.0, pixel_loss="l1",
-      lpips_weights="", lpips_random_init=False)
+      lpips_weights="", lpips_random_init=False, lpips_dropout=False,
+      eq_vae_prob=0.0, eq_vae_scales=(0.25, 0.5, 0.75), eq_vae_rotations=True)
   config.loss.update(loss)
   config.optim = dict(base_learning_rate=4.5e-6, scale_lr=True, accumulate_grad_batches=2,
                       b1=0.5, b2=0.9, grad_clip_norm=0.0, ema_decay=0.0)
@@ -41,6 +44,12 @@ def autoencoder_config(*, kind: str, embed_dim: int, z_channels: int, ch_mult: t
                      image_key="image", max_aspect_ratio=4.0, max_image_pixels=89_478_485)
   config.train = dict(num_steps=1_000_000, log_every=100, eval_every=5000, ckpt_every=5000,
                       keep_checkpoints=3, seed=0, decoder_only=False, init_from="",
+                      # With init_from: "auto" also loads a training checkpoint's
+                      # discriminator (loss.discriminator.*), "fresh" starts a new one.
+                      init_discriminator="auto",
+                      # The published weights a fine-tuning recipe starts from (a name for
+                      # messages): when set, a run without init_from is refused.
+                      finetunes="",
                       mesh=dict(data=-1, fsdp=1, dcn_data=1), export_format="diffusers",
                       eval_examples=64, on_nonfinite="stop", max_nonfinite=100,
                       eval_at_start=True, preemption_every=10,
@@ -62,6 +71,45 @@ def autoencoder_config(*, kind: str, embed_dim: int, z_channels: int, ch_mult: t
     config.loss.update(perceptual_weight=0.0, disc_start=2, disc_ndf=8, disc_num_layers=2)
     config.optim.update(base_learning_rate=1e-3, scale_lr=False, accumulate_grad_batches=1)
     config.train.update(num_steps=4, log_every=1, eval_every=2, ckpt_every=2)
+  return config
+
+
+FINETUNE_VARIANTS = (None, "", "decoder", "full", "demo", "tiny")
+
+
+def vae_finetune_config(*, finetunes: str, z_channels: int, quant_convs: bool,
+                        resolution: int, batch_size: int, accumulate: int,
+                        arg: str | None = None) -> ml_collections.ConfigDict:
+  """A recipe that fine-tunes a published kl-f8-family VAE (SDXL, SD3, FLUX.1).
+
+  These VAEs are the CompVis kl-f8 Encoder/Decoder (ch 128, ch_mult 1,2,4,4, two blocks,
+  mid attention only) with other latent widths and with or without quant convs. Variants:
+  None / "decoder": the decoder only, from `train.init_from`; the latent space, which the
+  published diffusion models were trained in, stays as it is. "full": encoder and decoder
+  (a new latent space: the published diffusion models no longer fit it). "demo" / "tiny":
+  from random init at reduced width with the same latent and quant-conv options, so the
+  topology can be tried without the download. `finetunes` names the weights for the error
+  a run without `train.init_from` gets.
+  """
+  if arg not in FINETUNE_VARIANTS:
+    raise ValueError(f"unknown config variant {arg!r}; choose one of: decoder (the "
+                     "default), full, demo, tiny")
+  small = arg in ("demo", "tiny")
+  config = autoencoder_config(
+      kind="kl", embed_dim=z_channels, z_channels=z_channels, ch_mult=(1, 2, 4, 4),
+      batch_size=batch_size, loss=dict(disc_start=50001, kl_weight=1e-6, disc_weight=0.5),
+      arg=arg if small else None)
+  # Without quant convs embed_dim must equal z_channels (AutoencoderSpec checks it).
+  config.model.update(use_quant_conv=quant_convs, use_post_quant_conv=quant_convs)
+  if small:
+    return config
+  # diffusers' sample_size. No level has attention, so it changes no weight; it is
+  # written back on export, where diffusers sizes its tiles by it.
+  config.model.resolution = resolution
+  # As sd_vae_ft_mse: a small constant rate and an EMA of the weights.
+  config.optim.update(base_learning_rate=1e-5, scale_lr=False,
+                      accumulate_grad_batches=accumulate, ema_decay=0.9999)
+  config.train.update(finetunes=finetunes, decoder_only=arg != "full", num_steps=100_000)
   return config
 
 
@@ -94,8 +142,13 @@ def ldm_config(*, first_stage: dict[str, Any], unet: dict[str, Any], diffusion: 
     raise ValueError(f"unknown config variant {arg!r}; choose one of: demo, tiny (or none)")
   config = ml_collections.ConfigDict()
   config.stage = "ldm"
+  # Latents are normalized as (z - shift_factor) * scale_factor. latent_scaling="auto"
+  # takes both from first_stage.path's config.json when it is a diffusers folder stating
+  # them (SD3 / FLUX.1 VAEs), "config" always uses these; scale_by_std estimates the scale
+  # from the first batch (and the shift, as the latents' mean, with shift_by_mean).
   config.first_stage = dict(path="", kind="kl", downsample_factor=8, scale_factor=1.0,
-                            scale_by_std=False, cache_dir="")
+                            shift_factor=0.0, latent_scaling="auto", scale_by_std=False,
+                            shift_by_mean=False, cache_dir="")
   config.first_stage.update(first_stage)
   config.unet = dict(
       in_channels=4, out_channels=4, model_channels=192, attention_resolutions=(),

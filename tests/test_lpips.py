@@ -148,3 +148,18 @@ def test_converter_rejects_incomplete_checkpoints(tmp_path):
   assert "features.28.weight: missing" in str(e.value)
   assert "lin1.model.1.weight" in str(e.value) and "(1, 128, 1, 1)" in str(e.value)
   assert not out.exists()
+
+
+def test_training_dropout_is_random_and_unbiased(model):
+  """The heads' dropout (loss.lpips_dropout): per key a different value, on average the
+  deterministic one (inverted dropout), and no key is the deterministic value exactly."""
+  x, y = _images(4), _images(5)
+  plain = np.asarray(distance(model, x, y))
+  np.testing.assert_array_equal(nnx.jit(lambda m, a, b: m(a, b, dropout_key=None))(
+      model, x, y), plain)
+  keys = jax.random.split(jax.random.key(0), 256)
+  dropped = np.asarray(nnx.jit(lambda m, a, b, ks: jax.vmap(
+      lambda k: m(a, b, dropout_key=k))(ks))(model, x, y, keys))  # [keys, batch]
+  assert dropped.shape == (256, 2)
+  assert np.all(dropped[0] != dropped[1]) and np.all(dropped != plain)
+  np.testing.assert_allclose(dropped.mean(axis=0), plain, rtol=0.02)

@@ -170,6 +170,53 @@ def test_guidance_changes_class_conditional_samples(tmp_path, vq_weights):
   assert np.abs(samples[1.0] - samples[3.0]).max() > 1e-3
 
 
+def test_sixteen_channel_vae_with_a_shift(tmp_path):
+  """An SD3 / FLUX-style first stage (16 channels, no quant convs) whose diffusers
+  config.json states a scale and a shift: the run takes both, trains on
+  (z - shift) * scale, and its export's vae/config.json carries both."""
+  import dataclasses
+
+  from conftest import KL_F8_SMALL
+  from ldm_jax.convert import save_autoencoder
+  from ldm_jax.models.autoencoder import build_autoencoder
+  from ldm_jax.train import first_stage
+  from ldm_jax.train.ldm_setup import build_model
+  spec = dataclasses.replace(KL_F8_SMALL, z_channels=16, embed_dim=16, use_quant_conv=False,
+                             use_post_quant_conv=False)
+  vae = tmp_path / "vae"
+  save_autoencoder(build_autoencoder(spec, nnx.Rngs(3)), vae, scaling_factor=0.5,
+                   shift_factor=0.2)
+  config = _config("ldm_cin256", vae, num_steps=1, eval_at_start=False)
+  config.first_stage.update(kind="kl", downsample_factor=8, scale_by_std=False)
+  config.unet.update(in_channels=16, out_channels=16)
+  assert first_stage.initial_normalization(config.first_stage) == (0.5, 0.2)
+  config.first_stage.latent_scaling = "config"  # the config's 1.0 / 0.0 instead
+  assert first_stage.initial_normalization(config.first_stage) == (1.0, 0.0)
+  config.first_stage.latent_scaling = "auto"
+
+  run = build_run(config, str(tmp_path / "run"))
+  state = ldm_step.new_state(build_model(config, run.spec, 0), run.programs, 0.5, 0,
+                             shift_factor=0.2)
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+  _, metrics = jax.jit(ldm_step.make_train_step(run.programs))(
+      state, {"image": images, "label": jnp.asarray([1, 2])}, run.first_stage_state)
+  latent_key = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0),
+                                4)[0]
+  z = np.asarray(first_stage.encode(run.first_stage, images, latent_key))
+  expected = (z - 0.2) * 0.5
+  np.testing.assert_allclose([metrics["latent_mean"], metrics["latent_std"]],
+                             [expected.mean(), expected.std()], rtol=1e-5, atol=1e-6)
+
+  ldm_trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  saved, _ = _saved_state(tmp_path / "run")
+  assert (float(saved.scale_factor), float(saved.shift_factor)) == (0.5, np.float32(0.2))
+  export_ldm_workdir(str(tmp_path / "run"), str(tmp_path / "export"))
+  exported = json.loads((tmp_path / "export" / "vae" / "config.json").read_text())
+  assert exported["scaling_factor"] == 0.5
+  assert exported["shift_factor"] == pytest.approx(0.2)
+  assert exported["latent_channels"] == 16 and exported["use_quant_conv"] is False
+
+
 def test_bad_ldm_configs(tmp_path, kl_weights):
   config = _config("ldm_txt2img", kl_weights)
   config.unet.context_dim = 48

@@ -80,9 +80,36 @@ def test_accumulation_averages_micro_batches():
   _, both = step(state, {"image": images}, None)
   _, first = step(state, {"image": images[:1]}, None)
   _, second = step(state, {"image": images[1:]}, None)
-  for key in ("total_loss", "rec_loss", "quant_loss", "disc_loss", "logits_real"):
+  for key in ("total_loss", "rec_loss", "pixel_loss", "quant_loss", "disc_loss",
+              "logits_real"):
     np.testing.assert_allclose(both[key], (first[key] + second[key]) / 2, rtol=1e-5,
                                err_msg=key)
+
+
+def test_scanned_accumulation_equals_unrolled():
+  """GPU/TPU steps scan over micro-batches, CPU steps unroll them: the same update. Plain
+  SGD, so the update is the averaged gradient itself (Adam's normalization would turn
+  rounding noise in near-zero gradients, such as a conv bias before a GroupNorm, into
+  updates of ~lr)."""
+  import dataclasses
+
+  import optax
+  _, programs, state = _setup(kind="vq")
+  programs = dataclasses.replace(programs, tx=optax.sgd(1.0), disc_tx=optax.sgd(1.0))
+  state = state.replace(opt_state=programs.tx.init(state.params),
+                        disc_opt_state=programs.disc_tx.init(state.disc_params))
+  images = _images(3)
+  results = {}
+  for scan in (False, True):
+    step = jax.jit(step_lib.make_train_step(
+        dataclasses.replace(programs, scan_micro_batches=scan)))
+    results[scan] = step(state, {"image": images}, None)
+  (unrolled, m_unrolled), (scanned, m_scanned) = results[False], results[True]
+  for key in ("total_loss", "disc_loss", "grad_norm"):
+    np.testing.assert_allclose(m_scanned[key], m_unrolled[key], rtol=1e-5, err_msg=key)
+  a, b = _flat(unrolled), _flat(scanned)
+  for key in a:
+    np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 def test_learning_rate_rule():
@@ -154,3 +181,57 @@ def test_nonfinite_update_is_dropped_and_reported():
     skip.check(9, last_good=4)
   with pytest.raises(ValueError, match="on_nonfinite"):
     _setup(train__on_nonfinite="ignore")
+
+
+@pytest.mark.parametrize("pixel_loss", ["l1", "mse"])
+def test_rec_loss_is_the_references(pixel_loss):
+  """rec_loss = mean(pixel term + perceptual_weight * LPIPS), what CompVis logs and its
+  configs monitor; pixel_loss = the pixel term alone (squared for pixel_loss="mse")."""
+  from ldm_jax.losses.autoencoder import LossConfig, generator_loss
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(-1, 1, (2, 4, 4, 3)), jnp.float32)
+  xrec = jnp.asarray(rng.uniform(-1, 1, (2, 4, 4, 3)), jnp.float32)
+  p = jnp.asarray([0.3, 0.7], jnp.float32)
+  cfg = LossConfig(pixel_loss=pixel_loss, perceptual_weight=0.5)
+  _, (metrics, _) = generator_loss(
+      cfg, x=x, features=xrec, last_kernel=jnp.ones(()), to_image=lambda k, f: k * f,
+      regularizer=jnp.asarray(0.0), discriminator=lambda im: im,
+      lpips=lambda a, b: p, step=jnp.asarray(0))
+  diff = np.asarray(x - xrec, np.float64)
+  pixel = np.abs(diff) if pixel_loss == "l1" else diff**2
+  np.testing.assert_allclose(metrics["pixel_loss"], pixel.mean(), rtol=1e-6)
+  np.testing.assert_allclose(metrics["rec_loss"], pixel.mean() + 0.5 * np.mean(p), rtol=1e-6)
+
+
+def test_lpips_dropout_in_the_step_only_when_asked():
+  """loss.lpips_dropout: the step's LPIPS term depends on the step key (dropout on);
+  off, it is the deterministic distance of the reconstruction."""
+  from ldm_jax.models.lpips import make_lpips
+  lpips_model = make_lpips(None, random_init=True)
+  lpips_def, lpips_state = nnx.split(lpips_model)
+  images = _images(1)[0]
+  values = {}
+  for dropout in (False, True):
+    config = autoencoder_config(kind="vq", embed_dim=4, z_channels=4, ch_mult=(1, 2),
+                                n_embed=32, batch_size=2, loss={}, arg="tiny")
+    config.model.num_res_blocks = 1
+    config.loss.update(perceptual_weight=1.0, lpips_dropout=dropout)
+    spec, programs = build_programs(config, lpips_def)
+    model = build_autoencoder(spec, nnx.Rngs(0))
+    disc = step_lib.build_discriminator(programs.loss, spec.dtype, 0)
+    state = step_lib.new_state(model, disc, programs, False, 0)
+
+    @jax.jit
+    def p_loss(key, lpips_state):
+      lpips = nnx.merge(lpips_def, lpips_state)
+      loss_fn, _ = step_lib.generator_objective(programs, state, lpips, images, key,
+                                                state.disc_rest)
+      metrics, xrec = loss_fn(state.params)[1]
+      return metrics["p_loss"], jnp.mean(lpips(images, xrec))
+
+    values[dropout] = [p_loss(jax.random.key(k), lpips_state) for k in (0, 1)]
+  (off_a, plain_a), (off_b, _) = values[False]
+  (on_a, _), (on_b, _) = values[True]
+  np.testing.assert_allclose(off_a, plain_a, rtol=1e-6)  # off: the plain distance
+  np.testing.assert_allclose(off_a, off_b, rtol=1e-6)  # VQ: nothing else is random
+  assert float(on_a) != float(on_b) and float(on_a) != float(off_a)

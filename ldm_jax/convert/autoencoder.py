@@ -179,7 +179,12 @@ def load_autoencoder(path: str | os.PathLike, config: Any = None):
   `model` block or an AutoencoderSpec) may be omitted: the architecture is then read from
   the weights. Nothing is loaded unless every tensor fits.
   """
-  weights = read_autoencoder_weights(path)
+  return autoencoder_from_weights(read_autoencoder_weights(path), config)
+
+
+def autoencoder_from_weights(weights: AutoencoderWeights, config: Any = None):
+  """`load_autoencoder` on weights already read, so that a caller that also wants the
+  training loss's tensors (the discriminator) reads a multi-GB checkpoint once."""
   if config is not None:
     spec = spec_from(config)
   elif weights.spec is not None:
@@ -190,6 +195,56 @@ def load_autoencoder(path: str | os.PathLike, config: Any = None):
   import_state(model, weights.model, f"{weights.source} ({weights.layout} layout)",
                hint=_describe_weights(weights))
   return model
+
+
+# A CompVis / taming training checkpoint keeps its PatchGAN under `loss.discriminator.`
+# (`AutoencoderWeights.loss` has the `loss.` already removed).
+_DISCRIMINATOR_PREFIX = "discriminator."
+
+
+def discriminator_tensors(weights: AutoencoderWeights) -> dict[str, np.ndarray]:
+  """The training checkpoint's discriminator in the torch layout (`main.N.weight`, ...);
+  empty for sources without one (diffusers folders, exported weights)."""
+  n = len(_DISCRIMINATOR_PREFIX)
+  return {k[n:]: v for k, v in weights.loss.items() if k.startswith(_DISCRIMINATOR_PREFIX)}
+
+
+def infer_discriminator(tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+  """The loss-config values (`disc_in_channels`, `disc_ndf`, `disc_num_layers`,
+  `use_actnorm`) that a torch-layout NLayerDiscriminator state dict was built with."""
+  convs = sorted(int(m[1]) for k, v in tensors.items()
+                 if (m := re.fullmatch(r"main\.(\d+)\.weight", k)) and np.ndim(v) == 4)
+  if not convs or convs[0] != 0:
+    raise StateMismatchError("not an NLayerDiscriminator: no main.0.weight conv")
+  first = tensors["main.0.weight"].shape  # (ndf, in_channels, 4, 4)
+  return dict(disc_in_channels=int(first[1]), disc_ndf=int(first[0]),
+              # the input conv, n_layers - 1 strided ones, one stride-1 one, the output conv
+              disc_num_layers=len(convs) - 2,
+              use_actnorm=any(k.endswith(".loc") for k in tensors))
+
+
+def load_discriminator(disc, tensors: dict[str, np.ndarray], source: str,
+                       config_values: dict[str, Any] | None = None) -> None:
+  """Loads torch-layout discriminator tensors into `disc` in place, all or nothing.
+
+  A mismatch names the loss-config values the file was trained with next to
+  `config_values` (the run's), since the tensor names alone do not say which to change.
+  """
+  hint = ""
+  try:
+    found = infer_discriminator(tensors)
+  except StateMismatchError:
+    found = None
+  if found is not None:
+    mismatched = {k: (v, (config_values or {}).get(k)) for k, v in found.items()
+                  if config_values and k in config_values and config_values[k] != v}
+    hint = ("The file's discriminator was built with "
+            + " ".join(f"loss.{k}={v}" for k, v in found.items()))
+    if mismatched:
+      hint += ("; this config has " + " ".join(f"loss.{k}={ours}" for k, (_, ours)
+                                                in mismatched.items()))
+    hint += "."
+  import_state(disc, tensors, f"{source} (loss.discriminator.*)", hint=hint)
 
 
 def _with_options(spec: AutoencoderSpec, options: dict[str, bool]) -> AutoencoderSpec:
@@ -312,4 +367,6 @@ def torch_keys(spec: AutoencoderSpec) -> list[str]:
 
 
 __all__ = ["load_autoencoder", "save_autoencoder", "read_autoencoder_weights", "infer_spec",
+           "autoencoder_from_weights", "discriminator_tensors", "infer_discriminator",
+           "load_discriminator",
            "diffusers_config", "diffusers_latent_scaling", "build_autoencoder", "torch_keys"]

@@ -55,15 +55,25 @@ def torch_shapes() -> dict[str, tuple[int, ...]]:
   return shapes
 
 
+# The heads' nn.Dropout() in the reference: PyTorch's default p.
+DROPOUT_RATE = 0.5
+
+
 class LinHead(nnx.Module):
-  """LPIPS NetLinLayer: Sequential(Dropout, Conv1x1 C->1, no bias); dropout is off in eval,
-  so only the conv exists, kept at index "1" for the `lin{k}.model.1.weight` key."""
+  """LPIPS NetLinLayer: Sequential(Dropout, Conv1x1 C->1, no bias). Only the conv has
+  weights, kept at index "1" for the `lin{k}.model.1.weight` key; the dropout is a
+  function of an optional key, so the module's state and graph are the same either way."""
 
   def __init__(self, channels: int, *, rngs: nnx.Rngs):
     self.model = nnx.Dict({"1": conv(channels, 1, 1, use_bias=False, padding="VALID",
                                      rngs=rngs)})
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    if dropout_key is not None:
+      # Inverted dropout per element, as torch.nn.Dropout in train mode: the expectation
+      # over keys is the deterministic distance.
+      keep = jax.random.bernoulli(dropout_key, 1.0 - DROPOUT_RATE, x.shape)
+      x = jnp.where(keep, x / (1.0 - DROPOUT_RATE), 0.0)
     return self.model["1"](x)
 
 
@@ -85,7 +95,9 @@ class LPIPS(nnx.Module):
   """LPIPS-VGG distance. `model(x0, x1)` -> shape (B,): one distance per image pair.
 
   Inputs are NHWC images in [-1, 1], any dtype; everything is computed in float32. Both
-  images go through VGG in one batch. Evaluation only: the reference's dropout is off.
+  images go through VGG in one batch. Without `dropout_key` (evaluation, and the default
+  loss) the heads' dropout is off; with one it is on, as in the reference's training runs,
+  where Lightning's train mode reaches the loss's LPIPS too (`loss.lpips_dropout`).
   The constructor's PyTorch-default init only gives shapes; build one with `make_lpips`.
   """
 
@@ -109,7 +121,8 @@ class LPIPS(nnx.Module):
       out.append(h)
     return out
 
-  def __call__(self, x0: jax.Array, x1: jax.Array) -> jax.Array:
+  def __call__(self, x0: jax.Array, x1: jax.Array,
+               dropout_key: jax.Array | None = None) -> jax.Array:
     if x0.shape != x1.shape or x0.ndim != 4 or x0.shape[-1] != 3:
       raise ValueError(f"LPIPS needs two NHWC RGB batches of one shape, got {x0.shape} "
                        f"and {x1.shape}")
@@ -122,7 +135,8 @@ class LPIPS(nnx.Module):
     for k, f in enumerate(self.taps(pair)):
       f = normalize_channels(f).reshape((batch, 2) + f.shape[1:])
       diff = jnp.square(f[:, 0] - f[:, 1])
-      total = total + jnp.mean(getattr(self, f"lin{k}")(diff), axis=(1, 2, 3))
+      head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, k)
+      total = total + jnp.mean(getattr(self, f"lin{k}")(diff, head_key), axis=(1, 2, 3))
     return total
 
 

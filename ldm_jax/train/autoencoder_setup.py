@@ -11,7 +11,7 @@ import ml_collections
 from flax import nnx
 
 from ldm_jax.eval.setup import DEFAULTS as EVAL_DEFAULTS, eval_config
-from ldm_jax.losses.autoencoder import LossConfig
+from ldm_jax.losses.autoencoder import LossConfig, check_eq_vae_sizes
 from ldm_jax.models.autoencoder import AutoencoderSpec, abstract_autoencoder
 from ldm_jax.train import autoencoder_step as step_lib
 from ldm_jax.train import loop
@@ -20,7 +20,8 @@ from ldm_jax.train.optim import adam, learning_rate
 KNOWN_KEYS = {
     "optim": {"base_learning_rate", "scale_lr", "accumulate_grad_batches", "b1", "b2",
               "grad_clip_norm", "ema_decay"},
-    "train": loop.TRAIN_KEYS | {"decoder_only", "init_from", "export_format"},
+    "train": loop.TRAIN_KEYS | {"decoder_only", "init_from", "init_discriminator", "finetunes",
+                                "export_format"},
     "eval": set(EVAL_DEFAULTS),  # optional: runs saved before it existed lack the block
 }
 
@@ -37,6 +38,8 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[AutoencoderSpec, Lo
   if config.data.image_size % spec.downsample_factor:
     raise ValueError(f"data.image_size={config.data.image_size} is not divisible by the "
                      f"model's downsampling factor {spec.downsample_factor}")
+  # EQ-VAE's downscaled latents and images need whole sizes the losses can take.
+  check_eq_vae_sizes(loss, int(config.data.image_size), spec.downsample_factor)
   if config.data.batch_size < 1:
     raise ValueError(f"data.batch_size={config.data.batch_size} must be >= 1 (it is the global "
                      "batch over all hosts and devices)")

@@ -4,11 +4,19 @@ One call of the step is one optimizer update of both the autoencoder ("generator
 the discriminator, over `accumulate_grad_batches` micro-batches inside the step.
 The discriminator sees the reconstructions of the pre-update generator (the Lightning
 reference recomputes them after the generator's step, one update later).
+
+EQ-VAE (`loss.eq_vae_prob > 0`): each micro-batch draws from its key whether and how to
+transform; a downscale changes every shape after the encoder, so the micro-step runs
+inside a `lax.switch` with one branch per distinct scale (static shapes in each), and
+each branch computes both players' gradients whole. The reconstruction that the
+discriminator sees never leaves its branch, so no fixed-shape `xrec` is needed: D gets
+tau(x) as real and decode(tau(z)) as fake at the transformed size, as in the paper's code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -16,7 +24,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from ldm_jax.losses.autoencoder import LossConfig, discriminator_loss, generator_loss
+from ldm_jax.losses.autoencoder import (LossConfig, discriminator_loss, eq_vae_draw,
+                                        eq_vae_sizes, eq_vae_transform, generator_loss)
 from ldm_jax.models.autoencoder import AutoencoderSpec, abstract_autoencoder
 from ldm_jax.models.discriminator import ActNorm, BatchNorm, NLayerDiscriminator
 from ldm_jax.models.distributions import DiagonalGaussian
@@ -30,6 +39,11 @@ sg = jax.lax.stop_gradient
 # "state": every updated array (parameters, Adam moments, EMA, discriminator statistics):
 # a finite gradient can still overflow Adam's second moment.
 GUARDED = ("total_loss", "disc_loss", "grad_norm", "disc_grad_norm", "state")
+
+# Folded into a micro-batch's key for the draws that options add; the posterior sample
+# keeps the key itself, so a run with the options off draws exactly what it always did.
+EQ_VAE_SALT = 1
+LPIPS_DROPOUT_SALT = 2
 
 
 def merge(graphdef, *states):
@@ -62,6 +76,16 @@ class Programs:
   disc_tx: optax.GradientTransformation
   loss: LossConfig
   ema_decay: float
+  # How micro-batches are accumulated: a `lax.scan` (one micro-batch's activations live at
+  # a time) or a Python loop unrolled at trace time. XLA:CPU runs convolutions inside a
+  # scan body many times slower (jax-ml/jax#12868), so CPU steps unroll; on GPU and TPU the
+  # unrolled micro-batches are independent, the scheduler may overlap them, and the
+  # temporaries grow with the count (sd_vae_ft_mse's 4 x 6 per device: 58.6 GiB unrolled).
+  scan_micro_batches: bool = False
+
+
+def default_scan_micro_batches() -> bool:
+  return jax.default_backend() != "cpu"
 
 
 def trainable_filter(decoder_only: bool):
@@ -94,20 +118,34 @@ def new_state(model, disc, programs: Programs, decoder_only: bool, seed: int) ->
 
 
 def make_programs(spec: AutoencoderSpec, loss: LossConfig, tx, disc_tx, ema_decay: float,
-                  decoder_only: bool, lpips_def=None) -> Programs:
+                  decoder_only: bool, lpips_def=None,
+                  scan_micro_batches: bool | None = None) -> Programs:
+  """`scan_micro_batches=None` picks by backend (`default_scan_micro_batches`)."""
   model_def = split_model(abstract_autoencoder(spec), decoder_only)[0]
   disc_def = nnx.split(nnx.eval_shape(lambda: build_discriminator(loss, spec.dtype, 0)))[0]
-  return Programs(model_def, disc_def, lpips_def, tx, disc_tx, loss, ema_decay)
+  if scan_micro_batches is None:
+    scan_micro_batches = default_scan_micro_batches()
+  return Programs(model_def, disc_def, lpips_def, tx, disc_tx, loss, ema_decay,
+                  scan_micro_batches)
 
 
-def _generator_forward(model, x: jax.Array, key: jax.Array):
-  """Decoder features before conv_out, and the regularizer (posterior or codebook loss)."""
+def _generator_forward(model, x: jax.Array, key: jax.Array,
+                       latent_transform: Callable | None = None):
+  """Decoder features before conv_out, and the regularizer (posterior or codebook loss).
+
+  `latent_transform` (EQ-VAE's tau) acts on the decoder's input: the posterior sample,
+  or the quantized latent; the regularizer is always the untransformed image's, as the
+  paper's code keeps the KL of the full-size posterior.
+  """
   if model.spec.kind == "kl":
     posterior: DiagonalGaussian = model.encode(x)
     z = posterior.sample(key)
+    if latent_transform is not None:
+      z = latent_transform(z)
     return model.decoder.features(model.post_quant(z)), posterior
   quantized = model.quantize(model.encode(x), key)
-  return model.decoder.features(model.post_quant(quantized.z_q)), quantized.loss
+  z_q = quantized.z_q if latent_transform is None else latent_transform(quantized.z_q)
+  return model.decoder.features(model.post_quant(z_q)), quantized.loss
 
 
 def actnorm_pending(disc_rest) -> jax.Array:
@@ -171,6 +209,58 @@ def discriminate_pair(disc: NLayerDiscriminator, real: jax.Array, fake: jax.Arra
   return halves[:, 0], halves[:, 1]
 
 
+def generator_objective(programs: Programs, state: TrainState, lpips, x: jax.Array,
+                        key: jax.Array, disc_rest, transform: tuple[float, Any] | None = None):
+  """`(loss_fn, target)`: the generator's `loss_fn(params) -> (loss, (metrics, xrec))` on
+  one micro-batch, and the image its reconstruction is compared with.
+
+  `transform=(scale, turns)` is EQ-VAE's tau (`scale` static, `turns` may be traced): the
+  reconstruction terms compare decode(tau(z)) with `target` = tau(x); None is the plain
+  loss (`target` is `x`).
+  """
+  cfg = programs.loss
+  target, latent_transform = x, None
+  if transform is not None:
+    scale, turns = transform
+    latent_transform = lambda z: eq_vae_transform(z, scale, turns)
+    target = eq_vae_transform(x, scale, turns)
+  lpips_fn = lpips
+  if lpips is not None and cfg.lpips_dropout:
+    dropout_key = jax.random.fold_in(key, LPIPS_DROPOUT_SALT)
+    lpips_fn = lambda a, b: lpips(a, b, dropout_key=dropout_key)
+
+  def loss_fn(params):
+    model = merge(programs.model_def, params, state.frozen, state.rest)
+    features, regularizer = _generator_forward(model, x, key, latent_transform)
+    return generator_loss(
+        cfg, x=target, features=features, last_kernel=model.decoder.conv_out.kernel[...],
+        to_image=lambda k, f: model.decoder.to_image(f, k), regularizer=regularizer,
+        discriminator=_pure_discriminator(programs, state.disc_params, disc_rest),
+        lpips=lpips_fn, step=state.step)
+
+  return loss_fn, target
+
+
+def micro_batch_grads(programs: Programs, state: TrainState, lpips, x: jax.Array,
+                      key: jax.Array, disc_rest, transform: tuple[float, Any] | None = None):
+  """Gradients of both players on one micro-batch, their metrics, and the discriminator's
+  statistics after it: `((g_grads, d_grads, metrics), disc_rest)`. With an EQ-VAE
+  `transform` the discriminator sees the transformed pair (see `generator_objective`)."""
+  cfg = programs.loss
+  loss_fn, target = generator_objective(programs, state, lpips, x, key, disc_rest, transform)
+  (_, (g_metrics, xrec)), g_grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+  def disc_loss_fn(disc_params):
+    disc = merge(programs.disc_def, disc_params, disc_rest)
+    logits_real, logits_fake = discriminate_pair(disc, sg(target), sg(xrec))
+    loss, d_metrics = discriminator_loss(cfg, logits_real, logits_fake, state.step)
+    return loss, (d_metrics, nnx.state(disc, nnx.Not(nnx.Param)))
+
+  (_, (d_metrics, disc_rest)), d_grads = jax.value_and_grad(
+      disc_loss_fn, has_aux=True)(state.disc_params)
+  return (g_grads, d_grads, {**g_metrics, **d_metrics}), disc_rest
+
+
 def make_train_step(programs: Programs) -> Callable:
   """step(state, batch, lpips_state) -> (state, metrics); batch["image"] is [A, B, H, W, 3]."""
   cfg = programs.loss
@@ -189,36 +279,36 @@ def make_train_step(programs: Programs) -> Callable:
     def micro_step(x, index, disc_rest):
       """Gradients of both players on one micro-batch."""
       key = jax.random.fold_in(step_key, index)
+      run = functools.partial(micro_batch_grads, programs, state, lpips, x, key)
+      if cfg.eq_vae_prob <= 0:
+        return run(disc_rest)
+      # One branch per scale, each at its own static shapes; only the drawn one runs.
+      # Scale 1.0 (branch 0) with 0 turns is the untransformed loss.
+      sizes = eq_vae_sizes(cfg)
+      size_index, turns, applied = eq_vae_draw(cfg, jax.random.fold_in(key, EQ_VAE_SALT))
+      branches = [functools.partial(lambda s, rest, t: run(rest, (s, t)), s) for s in sizes]
+      (g_grads, d_grads, metrics), disc_rest = jax.lax.switch(
+          size_index, branches, disc_rest, turns)
+      metrics = {**metrics, "eq_vae_applied": applied.astype(jnp.float32),
+                 "eq_vae_scale": jnp.asarray(sizes, jnp.float32)[size_index]}
+      return (g_grads, d_grads, metrics), disc_rest
 
-      def loss_fn(params):
-        model = merge(programs.model_def, params, state.frozen, state.rest)
-        features, regularizer = _generator_forward(model, x, key)
-        return generator_loss(
-            cfg, x=x, features=features, last_kernel=model.decoder.conv_out.kernel[...],
-            to_image=lambda k, f: model.decoder.to_image(f, k), regularizer=regularizer,
-            discriminator=_pure_discriminator(programs, state.disc_params, disc_rest),
-            lpips=lpips, step=state.step)
-
-      (_, (g_metrics, xrec)), g_grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-
-      def disc_loss_fn(disc_params):
-        disc = merge(programs.disc_def, disc_params, disc_rest)
-        logits_real, logits_fake = discriminate_pair(disc, sg(x), sg(xrec))
-        loss, d_metrics = discriminator_loss(cfg, logits_real, logits_fake, state.step)
-        return loss, (d_metrics, nnx.state(disc, nnx.Not(nnx.Param)))
-
-      (_, (d_metrics, disc_rest)), d_grads = jax.value_and_grad(
-          disc_loss_fn, has_aux=True)(state.disc_params)
-      return (g_grads, d_grads, {**g_metrics, **d_metrics}), disc_rest
-
-    # A Python loop, unrolled at trace time: XLA:CPU runs convolutions inside a scan body
-    # many times slower (jax-ml/jax#12868), and accumulation counts are small.
     images = batch["image"]
     accumulate = images.shape[0]
-    disc_rest, totals = state.disc_rest, None
-    for index in range(accumulate):
-      summed, disc_rest = micro_step(images[index], index, disc_rest)
-      totals = summed if totals is None else jax.tree.map(jnp.add, totals, summed)
+    # The first micro-batch outside the loop gives the totals their structure; the
+    # discriminator's statistics thread through the micro-batches in order either way.
+    totals, disc_rest = micro_step(images[0], 0, state.disc_rest)
+    if programs.scan_micro_batches and accumulate > 1:
+      def body(carry, inputs):
+        totals, disc_rest = carry
+        summed, disc_rest = micro_step(inputs[0], inputs[1], disc_rest)
+        return (jax.tree.map(jnp.add, totals, summed), disc_rest), None
+      (totals, disc_rest), _ = jax.lax.scan(
+          body, (totals, disc_rest), (images[1:], jnp.arange(1, accumulate)))
+    else:
+      for index in range(1, accumulate):
+        summed, disc_rest = micro_step(images[index], index, disc_rest)
+        totals = jax.tree.map(jnp.add, totals, summed)
     grads, disc_grads, metrics = jax.tree.map(lambda g: g / accumulate, totals)
 
     updates, opt_state = programs.tx.update(grads, state.opt_state, state.params)

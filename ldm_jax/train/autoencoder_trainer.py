@@ -20,7 +20,9 @@ import numpy as np
 from flax import nnx
 
 from ldm_jax import fs
-from ldm_jax.convert import load_autoencoder, save_autoencoder
+from ldm_jax.convert import save_autoencoder
+from ldm_jax.convert.autoencoder import (autoencoder_from_weights, discriminator_tensors,
+                                         load_discriminator, read_autoencoder_weights)
 from ldm_jax.convert.files import WeightFileError
 from ldm_jax.convert.torch_layout import StateMismatchError
 from ldm_jax.data.pipeline import eval_batches, train_iterator
@@ -83,18 +85,83 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
              global_batch, int(config.optim.accumulate_grad_batches))
 
 
+INIT_DISCRIMINATOR = ("auto", "fresh")
+
+
 def initial_state(run: Run) -> step_lib.TrainState:
-  seed = int(run.config.train.seed)
-  if run.config.train.init_from:
-    try:
-      model = load_autoencoder(run.config.train.init_from, run.spec)
-    except (WeightFileError, StateMismatchError) as e:  # before the workdir is made
-      raise WeightFileError(f"train.init_from={run.config.train.init_from}: {e}") from None
-  else:
-    model = build_autoencoder(run.spec, nnx.Rngs(seed))
+  """The state a new run starts from: `train.init_from`'s weights, else the seed's init.
+
+  A CompVis / taming training checkpoint also holds the PatchGAN it was trained against
+  (`loss.discriminator.*`); continuing with it (`train.init_discriminator="auto"`) spares
+  a fine-tuning run the phase where a fresh discriminator's gradients are noise. On a
+  resume this state is only the restore's target, so what it was loaded from is moot.
+  """
+  train = run.config.train
+  seed = int(train.seed)
+  init_from = train.init_from
+  mode = train.get("init_discriminator", "auto")  # absent in configs saved before it
+  if mode not in INIT_DISCRIMINATOR:
+    raise ValueError(f"train.init_discriminator={mode!r}; choose 'auto' (load the "
+                     "discriminator of a train.init_from training checkpoint when it holds "
+                     "one) or 'fresh' (start a new one from train.seed)")
+  if train.get("finetunes") and not init_from:
+    raise ValueError(f"this config fine-tunes {train.finetunes}: download those weights and "
+                     "set --config.train.init_from=PATH (the diffusers vae folder, or a "
+                     "CompVis checkpoint)")
   disc = step_lib.build_discriminator(run.loss, run.spec.dtype, seed)
-  return step_lib.new_state(model, disc, run.programs, bool(run.config.train.decoder_only),
-                            seed)
+  if not init_from:
+    logging.info("discriminator: fresh (train.seed=%d); autoencoder: fresh", seed)
+    return step_lib.new_state(build_autoencoder(run.spec, nnx.Rngs(seed)), disc, run.programs,
+                              bool(train.decoder_only), seed)
+  try:  # every failure here comes before the workdir is made
+    weights = read_autoencoder_weights(init_from)
+    model = autoencoder_from_weights(weights, run.spec)
+  except (WeightFileError, StateMismatchError) as e:
+    raise WeightFileError(f"train.init_from={init_from}: {e}") from None
+  disc_tensors = discriminator_tensors(weights)
+  if disc_tensors and mode == "auto":
+    try:
+      load_discriminator(disc, disc_tensors, weights.source, {
+          k: getattr(run.loss, k) for k in ("disc_in_channels", "disc_ndf",
+                                            "disc_num_layers", "use_actnorm")})
+    except StateMismatchError as e:
+      raise WeightFileError(
+          f"train.init_from={init_from}: its discriminator does not fit this config's "
+          f"loss.disc_* settings. {e}\nTo continue it, set loss.disc_in_channels / "
+          "loss.disc_ndf / loss.disc_num_layers / loss.use_actnorm to the file's values; "
+          "to start a new one instead, set --config.train.init_discriminator=fresh.") from None
+  _log_discriminator(run, init_from, disc_tensors, mode, seed)
+  _check_logvar(weights, run.loss.logvar_init)
+  return step_lib.new_state(model, disc, run.programs, bool(train.decoder_only), seed)
+
+
+def _log_discriminator(run: Run, init_from: str, disc_tensors: dict, mode: str,
+                       seed: int) -> None:
+  if disc_tensors and mode == "auto":
+    logging.info("discriminator: continued from %s (%d tensors, disc_ndf=%d "
+                 "disc_num_layers=%d use_actnorm=%s)", init_from, len(disc_tensors),
+                 run.loss.disc_ndf, run.loss.disc_num_layers, run.loss.use_actnorm)
+  elif disc_tensors:
+    logging.info("discriminator: fresh (train.seed=%d), by train.init_discriminator=fresh; "
+                 "the one in %s is not used", seed, init_from)
+  else:
+    logging.info("discriminator: fresh (train.seed=%d); %s holds none", seed, init_from)
+
+
+def _check_logvar(weights, logvar_init: float) -> None:
+  """The reference's `loss.logvar` is a Parameter it never optimizes, so a checkpoint's
+  value is the logvar_init it was trained with; ldm_jax keeps it at `loss.logvar_init`.
+  A different value changes the NLL's scale (and with it the adaptive GAN weight), which
+  the user should decide on, not this loader."""
+  if "logvar" not in weights.loss:
+    return
+  found = float(np.asarray(weights.loss["logvar"]).reshape(-1)[0])
+  # float32 storage: 0.1 comes back as 0.10000000149.
+  if not np.isclose(found, float(logvar_init), rtol=1e-6, atol=1e-6):
+    logging.warning("train.init_from=%s has loss.logvar=%g but this config's "
+                    "loss.logvar_init=%g; the run keeps %g (set "
+                    "--config.loss.logvar_init=%g to continue the checkpoint's)",
+                    weights.source, found, logvar_init, logvar_init, found)
 
 
 def _next_update_batch(iterator, accumulate: int, sharding, global_shape) -> dict:
@@ -151,13 +218,23 @@ def check_export_target(workdir: str, config) -> None:
   check_target(export_path(workdir, config), "autoencoder")
 
 
+def init_latent_scaling(train_config) -> dict:
+  """The latent normalization a fine-tune's source folder states (`train.init_from`, a
+  diffusers folder: SDXL's scale, SD3's and FLUX.1's scale and shift, force_upcast), as
+  `save_autoencoder` keywords: fine-tuning keeps the latent space, so exports say so too."""
+  from ldm_jax.convert.autoencoder import diffusers_latent_scaling
+  source = train_config.get("init_from", "")
+  return (diffusers_latent_scaling(source) or {}) if source else {}
+
+
 def export(run: Run, state: step_lib.TrainState, workdir: str) -> str | None:
   """Writes the EMA (else the trained) weights for PyTorch; returns the path."""
   if jax.process_index() != 0:
     return None
   model = step_lib.eval_model(run.programs, jax.device_get(state))
   path = export_path(workdir, run.config)
-  save_autoencoder(model, path, format=run.config.train.export_format)
+  save_autoencoder(model, path, format=run.config.train.export_format,
+                   **init_latent_scaling(run.config.train))
   logging.info("exported %s weights to %s", run.config.train.export_format, path)
   return path
 

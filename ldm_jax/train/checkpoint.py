@@ -11,6 +11,7 @@ workdir is made absolute, as orbax wants; a URL never is.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -48,14 +49,41 @@ def abstract_with_shardings(state: Any, shardings: Any) -> Any:
                       state, shardings)
 
 
+def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+             data_iterator=None) -> Any:
+  """The state saved at `step` laid out as `abstract_state`, older checkpoints included.
+
+  A state class may list `ADDED_FIELDS = {name: value}`: fields a newer ldm_jax added,
+  with the value that reproduces what runs did before (the LDM's latent shift is 0). A
+  checkpoint written without one restores the rest exactly and takes that value, laid
+  out as the target says; every other difference still fails in orbax.
+  """
+  added = getattr(type(abstract_state), "ADDED_FIELDS", {})
+  saved = set()
+  if added:  # read from the files: a manager opened only to restore has no handler yet
+    saved = set(ocp.StandardCheckpointHandler().metadata(
+        epath.Path(manager.directory) / str(step) / "state").tree)
+  missing = {name: value for name, value in added.items() if name not in saved}
+  target = abstract_state
+  if missing:  # the saved fields as a dict: the structure on disk
+    target = {f.name: getattr(abstract_state, f.name)
+              for f in dataclasses.fields(abstract_state) if f.name not in missing}
+  items = {"state": ocp.args.StandardRestore(target)}
+  if data_iterator is not None:
+    items["data"] = iterator_restore_args(data_iterator)
+  state = manager.restore(step, args=ocp.args.Composite(**items))["state"]
+  if not missing:
+    return state
+  for name, value in missing.items():
+    like = getattr(abstract_state, name)
+    state[name] = jax.device_put(jax.numpy.full(like.shape, value, like.dtype), like.sharding)
+  return type(abstract_state)(**state)
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
             data_iterator=None) -> Any:
   """The state saved at `step` laid out as `abstract_state`; the iterator is set in place."""
-  items = {"state": ocp.args.StandardRestore(abstract_state)}
-  if data_iterator is not None:
-    items["data"] = iterator_restore_args(data_iterator)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
-  return restored["state"]
+  return _restore(manager, step, abstract_state, data_iterator)
 
 
 def restore_state_only(workdir: str, abstract_state: Any,
@@ -65,9 +93,7 @@ def restore_state_only(workdir: str, abstract_state: Any,
   step = resolve_step(workdir, step)
   directory = checkpoint_dir(workdir)
   with ocp.CheckpointManager(directory, item_names=("state", "data")) as manager:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-  return restored["state"], step
+    return _restore(manager, step, abstract_state), step
 
 
 def resolve_step(workdir: str, step: int | None = None) -> int:

@@ -25,6 +25,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.train import first_stage
+
 KINDS = ("none", "low_res", "inpaint")
 
 
@@ -103,10 +105,11 @@ def masked_image(fields: dict) -> jax.Array:
 
 
 def concat_input(spec: ConcatSpec, fields: dict, latent_shape: tuple, encode_mean,
-                 scale_factor) -> jax.Array | None:
+                 latent_norm) -> jax.Array | None:
   """[B, h, w, C] to concatenate to latents of `latent_shape`, or None.
 
-  `encode_mean(images)` is the first stage's unscaled latent mean (inpainting only).
+  `encode_mean(images)` is the first stage's unscaled latent mean (inpainting only),
+  normalized as the diffusion latents are (`latent_norm`: (scale, shift)).
   """
   if spec.kind == "none":
     return None
@@ -118,7 +121,8 @@ def concat_input(spec: ConcatSpec, fields: dict, latent_shape: tuple, encode_mea
     return low
   mask = fields["inpaint_mask"].astype(jnp.float32)
   small = jax.image.resize(mask, (b, h, w, 1), method="nearest")
-  latent = encode_mean(masked_image(fields)).astype(jnp.float32) * scale_factor
+  latent = first_stage.normalize(encode_mean(masked_image(fields)).astype(jnp.float32),
+                                 latent_norm)
   return jnp.concatenate([small, latent], axis=-1)
 
 

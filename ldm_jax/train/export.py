@@ -23,6 +23,7 @@ from ldm_jax.convert.torch_layout import export_state
 from ldm_jax.convert.unet import save_unet, to_compvis
 from ldm_jax.eval.workdir import is_ldm, load_run_config
 from ldm_jax.train import checkpoint, ldm_step
+from ldm_jax.train.autoencoder_trainer import init_latent_scaling
 from ldm_jax.train.first_stage import restore_autoencoder
 from ldm_jax.train.ldm_setup import abstract_state
 from ldm_jax.train.ldm_trainer import build_run
@@ -56,7 +57,8 @@ def export_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: bool
   check_export_target(workdir, out, fmt, outputs.AUTOENCODER, overwrite)
   checkpoint.resolve_step(workdir, step)  # a missing step fails before anything is built
   model, restored_step, has_ema = restore_autoencoder(workdir, use_ema, step)
-  save_autoencoder(model, out, format=fmt, overwrite=overwrite)
+  save_autoencoder(model, out, format=fmt, overwrite=overwrite,
+                   **init_latent_scaling(load_run_config(workdir).train))
   logging.info("exported step %d (%s weights) to %s", restored_step,
                "EMA" if use_ema and has_ema else "trained", out)
   return restored_step
@@ -81,6 +83,9 @@ def export_ldm_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: 
   state, restored = checkpoint.restore_state_only(workdir, target, step)
   model = ldm_step.eval_model(run.programs, state, use_ema=use_ema)
   scale = float(jax.device_get(state.scale_factor))
+  shift = float(jax.device_get(state.shift_factor))
+  # diffusers reads no shift as none; a VAE with one (SD3, FLUX.1) states it.
+  shift_kw = {"shift_factor": shift} if shift else {}
   cond = ({f"cond_stage_model.{k}": v for k, v in export_state(model.cond).items()}
           if model.cond.encoder is not None else {})
   if fmt == "diffusers":
@@ -88,7 +93,7 @@ def export_ldm_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: 
       os.makedirs(tmp)  # local for a gs:// --out too: outputs stages it, then uploads
       save_unet(model.unet, os.path.join(tmp, "unet"), format="diffusers")
       save_autoencoder(run.first_stage, os.path.join(tmp, "vae"), format="diffusers",
-                       scaling_factor=scale)
+                       scaling_factor=scale, **shift_kw)
       if cond:
         write_safetensors({k.split(".", 1)[1]: v for k, v in cond.items()},
                           os.path.join(tmp, "cond", "model.safetensors"), kind=outputs.LDM)
@@ -101,8 +106,11 @@ def export_ldm_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: 
                     for k, v in export_state(run.first_stage).items()})
     tensors.update(cond)
     tensors["scale_factor"] = np.asarray(scale, np.float32)
+    if shift:
+      tensors["shift_factor"] = np.asarray(shift, np.float32)
     write_safetensors(tensors, out, kind=outputs.LDM, overwrite=overwrite)
-  logging.info("exported LDM step %d to %s (latent scale %.5f)", restored, out, scale)
+  logging.info("exported LDM step %d to %s (latent scale %.5f, shift %.5f)", restored, out,
+               scale, shift)
   return restored
 
 

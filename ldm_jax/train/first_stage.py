@@ -2,8 +2,10 @@
 
 The autoencoder comes from an ldm_jax workdir (its newest checkpoint, EMA weights when
 kept) or from any PyTorch weights `load_autoencoder` reads. An LDM trains on
-`scale_factor * z`, where z is a posterior sample (KL) or the pre-quantization latent (VQ,
-as the reference's `encode` returns it); `decode` undoes the scale and quantizes first.
+`(z - shift_factor) * scale_factor`, where z is a posterior sample (KL) or the
+pre-quantization latent (VQ, as the reference's `encode` returns it): `normalize`, and
+`denormalize` before the first stage decodes. The CompVis and SD VAEs have no shift
+(0); SD3's and FLUX.1's VAEs state one in their config.json, as diffusers applies it.
 """
 
 from __future__ import annotations
@@ -49,6 +51,30 @@ def load_first_stage(source: str):
   return load_autoencoder(source)
 
 
+def initial_normalization(first_stage_config) -> tuple[float, float]:
+  """(scale, shift) a new run starts from: the config's `scale_factor` / `shift_factor`,
+  or with `latent_scaling="auto"` what the VAE folder's config.json states (diffusers'
+  `scaling_factor` / `shift_factor`), logged either way. scale_by_std replaces them from
+  the first batch; a resumed run keeps its checkpoint's."""
+  from absl import logging
+  cfg = first_stage_config
+  scale, shift = float(cfg.scale_factor), float(cfg.get("shift_factor", 0.0))
+  path = cfg.path
+  if (cfg.get("latent_scaling", "auto") == "auto" and path and not cfg.scale_by_std
+      and not fs.isdir(fs.join(path, "checkpoints"))):
+    from ldm_jax.convert.autoencoder import diffusers_latent_scaling
+    stated = diffusers_latent_scaling(path) or {}
+    if "scaling_factor" in stated or "shift_factor" in stated:
+      new = (float(stated.get("scaling_factor", scale)),
+             float(stated.get("shift_factor") or 0.0))
+      if new != (scale, shift):
+        logging.info("latent normalization from %s's config.json: scale %.5f, shift %.5f "
+                     "(the config's %.5f, %.5f are not used; first_stage.latent_scaling="
+                     "'config' would use them)", path, *new, scale, shift)
+      scale, shift = new
+  return scale, shift
+
+
 def encode(model, x: jax.Array, key: jax.Array) -> jax.Array:
   """Unscaled latents of images in [-1, 1]: a posterior sample (KL) or pre-quant z (VQ)."""
   if model.spec.kind == "kl":
@@ -63,12 +89,24 @@ def encode_mean(model, x: jax.Array) -> jax.Array:
   return model.encode(x)
 
 
-def decode(model, latents: jax.Array, scale_factor) -> jax.Array:
-  return model.decode(latents / scale_factor)
+def normalize(z: jax.Array, latent_norm) -> jax.Array:
+  """The first stage's latents as the diffusion model sees them; `latent_norm` is
+  (scale, shift)."""
+  scale, shift = latent_norm
+  return (z - shift) * scale
 
 
-def std_scale_factor(latents: jax.Array) -> jax.Array:
-  """scale_by_std: 1 / std of the first batch's latents (all of it, over every host), with
-  the unbiased std the reference's `torch.std` takes."""
-  std = jnp.std(latents.astype(jnp.float32), ddof=1)
-  return 1.0 / jnp.maximum(std, 1e-12)
+def denormalize(latents: jax.Array, latent_norm) -> jax.Array:
+  """`normalize` undone: what the first stage decodes."""
+  scale, shift = latent_norm
+  return latents / scale + shift
+
+
+def std_normalization(latents: jax.Array, shift: bool = False) -> tuple[jax.Array, jax.Array]:
+  """scale_by_std: (1 / std, 0) of the first batch's latents (all of it, over every host),
+  with the unbiased std the reference's `torch.std` takes. With `shift`, (1 / std, mean):
+  the latents centred too, the normalization SD3 and FLUX.1 state for their VAEs."""
+  z = latents.astype(jnp.float32)
+  std = jnp.std(z, ddof=1)
+  center = jnp.mean(z) if shift else jnp.zeros((), jnp.float32)
+  return 1.0 / jnp.maximum(std, 1e-12), center

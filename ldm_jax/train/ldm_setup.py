@@ -37,8 +37,8 @@ def condition_spec(config: ml_collections.ConfigDict) -> ConditionSpec:
 
 
 KNOWN_KEYS = {
-    "first_stage": {"path", "kind", "downsample_factor", "scale_factor", "scale_by_std",
-                    "cache_dir"},
+    "first_stage": {"path", "kind", "downsample_factor", "scale_factor", "shift_factor",
+                    "latent_scaling", "scale_by_std", "shift_by_mean", "cache_dir"},
     "diffusion": {"timesteps", "beta_schedule", "linear_start", "linear_end", "cosine_s",
                   "parameterization", "loss_type", "learn_logvar", "logvar_init",
                   "l_simple_weight", "original_elbo_weight"},
@@ -96,6 +96,15 @@ def check_config(config: ml_collections.ConfigDict):
     raise ValueError(f"optim.accumulate_grad_batches={config.optim.accumulate_grad_batches}: "
                      "the LDM step does not accumulate gradients; use 1 and a larger "
                      "data.batch_size (or more devices) instead")
+  first = config.first_stage
+  if first.get("latent_scaling", "auto") not in ("auto", "config"):
+    raise ValueError(f"first_stage.latent_scaling={first.latent_scaling!r}: 'auto' (from the "
+                     "VAE's config.json when it states them) or 'config'")
+  if first.get("shift_by_mean") and not first.scale_by_std:
+    raise ValueError("first_stage.shift_by_mean estimates the shift with scale_by_std's "
+                     "first batch: set first_stage.scale_by_std=True too")
+  if not float(first.scale_factor) > 0:
+    raise ValueError(f"first_stage.scale_factor={first.scale_factor} must be > 0")
   if not 0 <= config.cond.dropout_prob < 1:
     raise ValueError(f"cond.dropout_prob={config.cond.dropout_prob} must be in [0, 1)")
   if not (config.first_stage.path or config.first_stage.cache_dir):

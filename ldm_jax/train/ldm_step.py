@@ -45,6 +45,14 @@ class LDMState:
   ema: nnx.State | None
   scale_factor: jax.Array  # float32 scalar; scale_by_std sets it from the first batch
   rng: jax.Array
+  # The diffusion model sees (z - shift_factor) * scale_factor (first_stage.normalize).
+  shift_factor: jax.Array  # float32 scalar; 0 for the CompVis VAEs, SD3 / FLUX have one
+  # Checkpoints written before the shift existed restore with shift 0 (checkpoint._restore).
+  ADDED_FIELDS = {"shift_factor": 0.0}
+
+  @property
+  def latent_norm(self) -> tuple[jax.Array, jax.Array]:
+    return self.scale_factor, self.shift_factor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,13 +92,14 @@ def adamw(optim, lr: float) -> optax.GradientTransformation:
 
 
 def new_state(model: LatentDiffusion, programs: LDMPrograms, scale_factor: float,
-              seed: int) -> LDMState:
+              seed: int, shift_factor: float = 0.0) -> LDMState:
   _, params, rest = nnx.split(model, nnx.Param, ...)
   return LDMState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
                   opt_state=programs.tx.init(params),
                   ema=jax.tree.map(jnp.copy, params) if programs.ema_decay > 0 else None,
                   scale_factor=jnp.asarray(scale_factor, jnp.float32),
-                  rng=jax.random.key_data(jax.random.key(seed)))
+                  rng=jax.random.key_data(jax.random.key(seed)),
+                  shift_factor=jnp.asarray(shift_factor, jnp.float32))
 
 
 def latents_of(programs: LDMPrograms, batch: dict, first_stage_state, key) -> jax.Array:
@@ -102,14 +111,14 @@ def latents_of(programs: LDMPrograms, batch: dict, first_stage_state, key) -> ja
 
 
 def concat_input(programs: LDMPrograms, fields: dict, latent_shape: tuple, first_stage_state,
-                 scale_factor) -> jax.Array | None:
+                 latent_norm) -> jax.Array | None:
   """The concat conditioning input for latents of `latent_shape` (None without one)."""
   if programs.concat.kind == "none":
     return None
   encode_mean = lambda x: first_stage.encode_mean(
       merge(programs.first_stage_def, first_stage_state), x)
   return sg(concat_lib.concat_input(programs.concat, fields, latent_shape, encode_mean,
-                                    scale_factor))
+                                    latent_norm))
 
 
 def make_train_step(programs: LDMPrograms) -> Callable:
@@ -118,11 +127,12 @@ def make_train_step(programs: LDMPrograms) -> Callable:
   def step_fn(state: LDMState, batch: dict, first_stage_state) -> tuple[LDMState, dict]:
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     latent_key, drop_key, loss_key, concat_key = jax.random.split(key, 4)
-    z = sg(latents_of(programs, batch, first_stage_state, latent_key)) * state.scale_factor
+    z = first_stage.normalize(sg(latents_of(programs, batch, first_stage_state, latent_key)),
+                              state.latent_norm)
     fields = {name: batch[name] for name in programs.cond_fields}
     concat = concat_input(programs, concat_lib.training_fields(programs.concat, batch,
                                                                concat_key),
-                          z.shape, first_stage_state, state.scale_factor)
+                          z.shape, first_stage_state, state.latent_norm)
 
     def loss_fn(params):
       model = merge(programs.model_def, params, state.rest)
@@ -140,7 +150,7 @@ def make_train_step(programs: LDMPrograms) -> Callable:
     if ema is not None:
       ema = ema_update(ema, params, programs.ema_decay, state.step + 1)
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
-               "latent_std": jnp.std(z)}
+               "latent_std": jnp.std(z), "latent_mean": jnp.mean(z)}
     new_state = state.replace(params=params, opt_state=opt_state, ema=ema)
     ok, report = guard.check({"loss": jnp.isfinite(metrics["loss"]),
                               "grad_norm": jnp.isfinite(metrics["grad_norm"]),
@@ -170,10 +180,12 @@ def eval_model(programs: LDMPrograms, state: LDMState, use_ema: bool = True) -> 
   return merge(programs.model_def, params, state.rest)
 
 
-def scale_by_std(programs: LDMPrograms, batch: dict, first_stage_state, rng) -> jax.Array:
-  """1 / std of the first batch's latents (the reference draws them the same way)."""
+def scale_by_std(programs: LDMPrograms, batch: dict, first_stage_state, rng,
+                 shift: bool = False) -> tuple[jax.Array, jax.Array]:
+  """(scale, shift) from the first batch's latents (drawn as the reference draws them):
+  `first_stage.std_normalization`."""
   z = latents_of(programs, batch, first_stage_state, jax.random.wrap_key_data(rng))
-  return first_stage.std_scale_factor(z)
+  return first_stage.std_normalization(z, shift)
 
 
 def describe(programs: LDMPrograms) -> str:

@@ -124,7 +124,7 @@ def make_sampler(run: LDMRun, tile: int = 0, overlap: float = 0.25):
     size = concat_spec.image_size(fields, int(config.data.image_size)) // factor
     x = jax.random.normal(noise_key, (num, size, size, channels), jnp.float32)
     cross = {k: fields[k] for k in programs.cond_fields}
-    concat = ldm_step.concat_input(programs, fields, x.shape, fs_state, state.scale_factor)
+    concat = ldm_step.concat_input(programs, fields, x.shape, fs_state, state.latent_norm)
     uncond = negative if negative is not None else model.cond.null_fields(num)
     # The conditions do not change along the sampling loop: encode them once. The concat
     # input is the same on both sides of guidance.
@@ -134,7 +134,7 @@ def make_sampler(run: LDMRun, tile: int = 0, overlap: float = 0.25):
     z = samplers.sample(sample_cfg.sampler, fn, x, programs.schedule, int(sample_cfg.steps),
                         parameterization=programs.loss.parameterization,
                         eta=float(sample_cfg.eta), key=sampler_key)
-    return z / state.scale_factor  # the first stage's own latents
+    return first_stage.denormalize(z, state.latent_norm)  # the first stage's latents
 
   def sample(state, fields, fs_state, key, num: int, negative=None):
     z = sample_latents(state, fields, fs_state, key, num, negative)
@@ -194,8 +194,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
   evaluation = training_evaluation(run)  # FID / IS; None without eval.inception_weights
   programs = run.programs
   seed = int(config.train.seed)
-  state = ldm_step.new_state(build_model(config, run.spec, seed), programs,
-                             float(config.first_stage.scale_factor), seed)
+  scale, shift = first_stage.initial_normalization(config.first_stage)
+  state = ldm_step.new_state(build_model(config, run.spec, seed), programs, scale, seed,
+                             shift_factor=shift)
   logging.info("LDM: %s; learning rate %.3g", ldm_step.describe(programs),
                learning_rate(config.optim, run.global_batch))
 
@@ -208,14 +209,20 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     first = pending[0]
     fs_state = jax.device_put(run.first_stage_state, mesh_lib.replicated(run.mesh))
     if int(jax.device_get(state.step)) == 0 and config.first_stage.scale_by_std:
-      factor = jax.jit(ldm_step.scale_by_std, static_argnums=0)(
-          programs, mesh_lib.global_batch(first, batch_sharding), fs_state, state.rng)
-      if not np.isfinite(float(factor)):
+      factor, shift = jax.jit(ldm_step.scale_by_std, static_argnums=(0, 4))(
+          programs, mesh_lib.global_batch(first, batch_sharding), fs_state, state.rng,
+          bool(config.first_stage.get("shift_by_mean", False)))
+      if not (np.isfinite(float(factor)) and np.isfinite(float(shift))):
         raise NonFiniteError(f"scale_by_std: the first batch's latents give a non-finite "
-                             f"scale_factor ({float(factor)}); check first_stage.path")
-      state = state.replace(scale_factor=jax.device_put(factor, shardings.scale_factor))
-      logging.info("scale_by_std: scale_factor = %.5f", float(factor))
-    logging.info("latent scale_factor %.5f", float(jax.device_get(state.scale_factor)))
+                             f"scale_factor ({float(factor)}) or shift ({float(shift)}); "
+                             "check first_stage.path")
+      state = state.replace(scale_factor=jax.device_put(factor, shardings.scale_factor),
+                            shift_factor=jax.device_put(shift, shardings.shift_factor))
+      logging.info("scale_by_std: scale_factor = %.5f, shift_factor = %.5f", float(factor),
+                   float(shift))
+    logging.info("latents normalized as (z - %.5f) * %.5f",
+                 float(jax.device_get(state.shift_factor)),
+                 float(jax.device_get(state.scale_factor)))
     compiled = ldm_step.jit_train_step(programs, run.layout, shardings, first, fs_state)
 
     def train_step(state):

@@ -30,11 +30,14 @@ from ldm_jax import fs
 REFUSED = ("stage", "model.", "unet.", "cond.", "loss.", "diffusion.", "data.image_size",
            "data.batch_size", "optim.accumulate_grad_batches", "train.decoder_only",
            "first_stage.kind", "first_stage.downsample_factor", "first_stage.scale_by_std",
-           "first_stage.scale_factor")
+           "first_stage.scale_factor", "first_stage.shift_factor", "first_stage.shift_by_mean",
+           "first_stage.latent_scaling")
 # Keys that only steer the loop or its reports: changed freely, logged at INFO.
 HARMLESS = ("train.num_steps", "train.log_every", "train.eval_every", "train.ckpt_every",
             "train.keep_checkpoints", "train.eval_examples", "train.on_nonfinite",
             "train.max_nonfinite", "train.export_format", "train.mesh.", "train.init_from",
+            # read only to build the first state; a resume restores the checkpoint's
+            "train.init_discriminator", "train.finetunes",
             "train.eval_at_start", "train.preemption_every", "train.sharding_rules",
             "train.max_unsharded_fraction",
             "eval.", "sample.", "data.read_threads",
