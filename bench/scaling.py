@@ -43,6 +43,9 @@ CONFIGS = {  # name: (config file, variant)
     "ldm_cin256": ("configs/ldm_cin256.py", None),
     "ldm_txt2img": ("configs/ldm_txt2img.py", None),
     "ldm_inpaint_kl8": ("configs/ldm_inpaint_kl8.py", None),
+    "sdxl_vae": ("configs/sdxl_vae.py", None),
+    "sd3_vae": ("configs/sd3_vae.py", None),
+    "flux_vae": ("configs/flux_vae.py", None),
 }
 DEFAULT_CONFIGS = ("kl_f8", "vq_f4", "sd_vae_ft_mse", "ldm_cin256", "ldm_txt2img")
 # First stages of the LDM configs, by kind: the published autoencoders' architectures.

@@ -14,7 +14,7 @@ Variants: default / `:decoder` fine-tunes the decoder only (FLUX.1's transformer
 latent space), `:full` encoder and decoder; `:demo` (CPU, minutes) and `:tiny` (tests)
 train the same topology (16 channels, no quant convs) from random init at reduced width.
 Not published, chosen here: learning rate 1e-5, EMA 0.9999, 100k steps, a fresh
-discriminator joining after 50k steps, global batch 192 as 4 micro-batches of 48.
+discriminator joining after 50k steps, global batch 192 as 8 micro-batches of 24.
 
 Set the weights: --config.train.init_from=PATH (the downloaded vae/ folder; the repository
 is gated, accept its licence first) and the LPIPS weights: --config.loss.lpips_weights=PATH.
@@ -28,4 +28,4 @@ LATENT = dict(scaling_factor=0.3611, shift_factor=0.1159, force_upcast=True)
 def get_config(arg=None):
   return vae_finetune_config(
       finetunes="black-forest-labs/FLUX.1-dev (its vae/ folder)", z_channels=16,
-      quant_convs=False, resolution=1024, batch_size=48, accumulate=4, arg=arg)
+      quant_convs=False, resolution=1024, batch_size=24, accumulate=8, arg=arg)

@@ -19,14 +19,15 @@ def get_config(arg=None):
   if recipe not in ("mse", "ema"):
     raise ValueError(f"unknown variant {arg!r}; choose mse or ema")
   config = autoencoder_config(
-      kind="kl", embed_dim=4, z_channels=4, ch_mult=(1, 2, 4, 4), batch_size=48,
+      kind="kl", embed_dim=4, z_channels=4, ch_mult=(1, 2, 4, 4), batch_size=24,
       loss=dict(disc_start=50001, kl_weight=1e-6, disc_weight=0.5,
                 pixel_loss="mse" if recipe == "mse" else "l1",
                 perceptual_weight=0.1 if recipe == "mse" else 1.0))
-  # The published global batch of 192 as 4 micro-batches of 48: 6 images per device on
-  # 8 devices, 15 GiB of temporaries by the compile-time figures (bench/README.md), where
-  # 24 per device would need 60.
-  config.optim.update(base_learning_rate=1e-5, scale_lr=False, accumulate_grad_batches=4,
+  # The published global batch of 192 as 8 micro-batches of 24: 3 images per device on
+  # 8 devices, scanned on GPU / TPU (one micro-batch's activations at a time). By the
+  # compile-time figures (bench/README.md) 6 per device needs 0.97 + 15.5 GiB, over 16
+  # with the runtime's own share; 24 per device would need 60.
+  config.optim.update(base_learning_rate=1e-5, scale_lr=False, accumulate_grad_batches=8,
                       ema_decay=0.9999)
   config.train.update(decoder_only=True, num_steps=280_000 if recipe == "mse" else 313_000)
   return config

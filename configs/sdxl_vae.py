@@ -14,7 +14,7 @@ Variants: default / `:decoder` fine-tunes the decoder only (SDXL's UNet keeps it
 space), `:full` encoder and decoder; `:demo` (CPU, minutes) and `:tiny` (tests) train the
 same topology from random init at reduced width, without the download.
 Not published, chosen here: learning rate 1e-5, EMA 0.9999, 100k steps, a fresh
-discriminator joining after 50k steps, and the global batch of 256 as 4 micro-batches of 64.
+discriminator joining after 50k steps, and the global batch of 256 as 8 micro-batches of 32.
 
 Set the weights: --config.train.init_from=PATH/sdxl-vae (the downloaded folder) and the
 LPIPS weights: --config.loss.lpips_weights=PATH.
@@ -27,4 +27,4 @@ LATENT = dict(scaling_factor=0.13025, shift_factor=None, force_upcast=True)
 
 def get_config(arg=None):
   return vae_finetune_config(finetunes="stabilityai/sdxl-vae", z_channels=4, quant_convs=True,
-                             resolution=1024, batch_size=64, accumulate=4, arg=arg)
+                             resolution=1024, batch_size=32, accumulate=8, arg=arg)
