@@ -114,8 +114,12 @@ def main(_):
         f"{accumulate}x{batch}, {len(val)} held-out tiles; pretrain {_PRETRAIN.value} steps, "
         f"fine-tune {_FINETUNE.value}; EQ-VAE p={_PROB.value} scales={scales} rotations")
 
+  compiled = {}  # one jitted step per programs: the plain fine-tune reuses the pretrain's
+
   def train(programs, state, steps, seed, name):
-    step = jax.jit(step_lib.make_train_step(programs))
+    if id(programs) not in compiled:
+      compiled[id(programs)] = jax.jit(step_lib.make_train_step(programs))
+    step = compiled[id(programs)]
     data = train_batches(size, accumulate * batch, seed)
     t0 = time.perf_counter()
     for i in range(steps):

@@ -49,10 +49,11 @@ def test_inpaint_input_is_mask_then_masked_latent(images):
   mask[:, 8:24, 0:16] = 1
   fields = {"image": jnp.asarray(images), "inpaint_mask": jnp.asarray(mask)}
   out = concat.concat_input(spec, fields, (2, 4, 4, 4),
-                            lambda x: first_stage.encode_mean(model, x), 0.5)
+                            lambda x: first_stage.encode_mean(model, x), (0.5, 0.1))
   assert out.shape == (2, 4, 4, 5) and spec.channels(4) == 5
   np.testing.assert_array_equal(out[..., 0], mask[:, ::8, ::8, 0])
-  expected = 0.5 * model.encode(jnp.asarray(images * (1 - mask))).mean
+  # Normalized as the diffusion latents are: (z - shift) * scale.
+  expected = 0.5 * (model.encode(jnp.asarray(images * (1 - mask))).mean - 0.1)
   np.testing.assert_allclose(out[..., 1:], expected, atol=1e-5)
   masked = np.asarray(concat.masked_image(fields))
   assert np.all(masked[:, 8:24, 0:16] == 0) and np.all(masked[:, :8] == images[:, :8])
@@ -61,9 +62,9 @@ def test_inpaint_input_is_mask_then_masked_latent(images):
 def test_low_res_input_is_resized_to_the_latent_only_when_needed():
   spec = concat.ConcatSpec("low_res", low_res_factor=4)
   low = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3), minval=-1, maxval=1)
-  same = concat.concat_input(spec, {"low_res": low}, (2, 8, 8, 3), None, 1.0)
+  same = concat.concat_input(spec, {"low_res": low}, (2, 8, 8, 3), None, (1.0, 0.0))
   np.testing.assert_array_equal(same, low)
-  bigger = concat.concat_input(spec, {"low_res": low}, (2, 16, 16, 3), None, 1.0)
+  bigger = concat.concat_input(spec, {"low_res": low}, (2, 16, 16, 3), None, (1.0, 0.0))
   assert bigger.shape == (2, 16, 16, 3)
   assert spec.image_size({"low_res": low}, 999) == 32
 

@@ -142,7 +142,12 @@ def test_step_switches_to_the_drawn_transform():
   objective at that transform, and the metrics say what was applied."""
   programs, _, _, state = _setup(eq_vae_prob=1.0, eq_vae_scales=(0.5,))
   images = _images()[None]
-  new, metrics = jax.jit(step_lib.make_train_step(programs))(state, {"image": images}, None)
+  steps = {switch: jax.jit(step_lib.make_train_step(dataclasses.replace(
+      programs, eq_vae_switch=switch)))(state, {"image": images}, None)
+           for switch in (True, False)}  # GPU/TPU switch; CPU computes all and selects
+  for key in ("total_loss", "disc_loss", "grad_norm", "disc_grad_norm"):
+    np.testing.assert_allclose(steps[False][1][key], steps[True][1][key], rtol=1e-5)
+  new, metrics = steps[True]
   key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0), 0)
   size, turns, applied = eq_vae_draw(programs.loss,
                                      jax.random.fold_in(key, step_lib.EQ_VAE_SALT))

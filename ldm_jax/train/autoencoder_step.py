@@ -82,9 +82,19 @@ class Programs:
   # unrolled micro-batches are independent, the scheduler may overlap them, and the
   # temporaries grow with the count (sd_vae_ft_mse's 4 x 6 per device: 58.6 GiB unrolled).
   scan_micro_batches: bool = False
+  # How EQ-VAE picks its branch: a `lax.switch` (only the drawn scale runs) or every
+  # branch computed and the drawn one selected. XLA:CPU runs convolutions inside a
+  # conditional's branches several times slower, as inside a scan (a tiny KL step always
+  # at scale 0.5 took 2x the full-size step's time, for a quarter of the work), so CPU
+  # steps compute all (1 + sum of scale^2 times the work: 1.81x for 0.5 and 0.75).
+  eq_vae_switch: bool = True
 
 
 def default_scan_micro_batches() -> bool:
+  return jax.default_backend() != "cpu"
+
+
+def default_eq_vae_switch() -> bool:
   return jax.default_backend() != "cpu"
 
 
@@ -119,14 +129,18 @@ def new_state(model, disc, programs: Programs, decoder_only: bool, seed: int) ->
 
 def make_programs(spec: AutoencoderSpec, loss: LossConfig, tx, disc_tx, ema_decay: float,
                   decoder_only: bool, lpips_def=None,
-                  scan_micro_batches: bool | None = None) -> Programs:
-  """`scan_micro_batches=None` picks by backend (`default_scan_micro_batches`)."""
+                  scan_micro_batches: bool | None = None,
+                  eq_vae_switch: bool | None = None) -> Programs:
+  """`scan_micro_batches=None` and `eq_vae_switch=None` pick by backend
+  (`default_scan_micro_batches`, `default_eq_vae_switch`)."""
   model_def = split_model(abstract_autoencoder(spec), decoder_only)[0]
   disc_def = nnx.split(nnx.eval_shape(lambda: build_discriminator(loss, spec.dtype, 0)))[0]
   if scan_micro_batches is None:
     scan_micro_batches = default_scan_micro_batches()
+  if eq_vae_switch is None:
+    eq_vae_switch = default_eq_vae_switch()
   return Programs(model_def, disc_def, lpips_def, tx, disc_tx, loss, ema_decay,
-                  scan_micro_batches)
+                  scan_micro_batches, eq_vae_switch)
 
 
 def _generator_forward(model, x: jax.Array, key: jax.Array,
@@ -287,8 +301,12 @@ def make_train_step(programs: Programs) -> Callable:
       sizes = eq_vae_sizes(cfg)
       size_index, turns, applied = eq_vae_draw(cfg, jax.random.fold_in(key, EQ_VAE_SALT))
       branches = [functools.partial(lambda s, rest, t: run(rest, (s, t)), s) for s in sizes]
-      (g_grads, d_grads, metrics), disc_rest = jax.lax.switch(
-          size_index, branches, disc_rest, turns)
+      if programs.eq_vae_switch:
+        out = jax.lax.switch(size_index, branches, disc_rest, turns)
+      else:  # a select, not a weighted sum: a non-finite unused branch cannot leak in
+        outs = [branch(disc_rest, turns) for branch in branches]
+        out = jax.tree.map(lambda *xs: jax.lax.select_n(size_index, *xs), *outs)
+      (g_grads, d_grads, metrics), disc_rest = out
       metrics = {**metrics, "eq_vae_applied": applied.astype(jnp.float32),
                  "eq_vae_scale": jnp.asarray(sizes, jnp.float32)[size_index]}
       return (g_grads, d_grads, metrics), disc_rest
