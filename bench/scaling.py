@@ -157,7 +157,7 @@ def compile_autoencoder(config, layout, scan_micro_batches=True):
 
   from ldm_jax.models.lpips import make_lpips
   from ldm_jax.train import autoencoder_step as step_lib
-  from ldm_jax.train import mesh as mesh_lib
+  from ldm_jax import mesh as mesh_lib
   from ldm_jax.train.autoencoder_setup import abstract_state, build_programs
   lpips_def = lpips_abstract = None
   if config.loss.perceptual_weight > 0:
@@ -191,7 +191,7 @@ def compile_ldm(config, layout):
 
   from ldm_jax.models.autoencoder import AutoencoderSpec, abstract_autoencoder
   from ldm_jax.train import ldm_step
-  from ldm_jax.train import mesh as mesh_lib
+  from ldm_jax import mesh as mesh_lib
   from ldm_jax.train.ldm_setup import abstract_state, build_programs
   first = load_config(FIRST_STAGES[config.first_stage.kind])
   fs_def, fs_abstract = nnx.split(abstract_autoencoder(AutoencoderSpec.from_config(
@@ -234,7 +234,7 @@ def run_one(name: str, mesh_name: str, mesh_config: dict, per_device_batch: int 
             hlo_dir: str | None, overrides=(), micro_batches: str = "scan") -> dict:
   import jax
 
-  from ldm_jax.train import mesh as mesh_lib
+  from ldm_jax import mesh as mesh_lib
   config = load_config(*config_source(name))
   apply_overrides(config, overrides)
   if config.train.get("decoder_only") and not config.train.init_from:

@@ -53,7 +53,7 @@ def autoencoder_config(*, kind: str, embed_dim: int, z_channels: int, ch_mult: t
                       mesh=dict(data=-1, fsdp=1, dcn_data=1), export_format="diffusers",
                       eval_examples=64, on_nonfinite="stop", max_nonfinite=100,
                       eval_at_start=True, preemption_every=10,
-                      sharding_rules=(), max_unsharded_fraction=0.1)  # see train/mesh.py
+                      sharding_rules=(), max_unsharded_fraction=0.1)  # see ldm_jax/mesh.py
   config.eval = dict(inception_weights="", reference_stats="", num_examples=0)
   if arg == "demo":
     _shrink(config, ch=32, image_size=64, batch_size=8)
@@ -184,7 +184,7 @@ def ldm_config(*, first_stage: dict[str, Any], unet: dict[str, Any], diffusion: 
                       eval_examples=1000,  # FID / IS samples every eval_every; 0 = all
                       on_nonfinite="stop", max_nonfinite=100,  # see ldm_jax/train/guard.py
                       eval_at_start=True, preemption_every=10,  # see ldm_jax/train/loop.py
-                      sharding_rules=(), max_unsharded_fraction=0.1)  # see train/mesh.py
+                      sharding_rules=(), max_unsharded_fraction=0.1)  # see ldm_jax/mesh.py
   config.eval = dict(inception_weights="", reference_stats="", num_examples=0)
   if arg in ("demo", "tiny"):
     _shrink_ldm(config, tiny=arg == "tiny")

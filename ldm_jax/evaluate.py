@@ -19,6 +19,7 @@ under `eval/`. The run's saved config.json is used; flags override its `eval` bl
   --lpips_weights=lpips_vgg.safetensors           (first stage)
   --sampler=ddim --steps=50 --guidance=3          (LDM)
   --first_stage=PATH                              (LDM: its first stage moved)
+  --tile=512 [--tile_overlap=0.25]                (encode / decode in overlapping tiles)
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from __future__ import annotations
 from absl import app, flags
 
 from ldm_jax.diffusion.samplers import SAMPLERS
-from ldm_jax.eval.workdir import (apply_overrides, check_reports, evaluate_workdir, is_ldm,
-                                  load_run_config, markdown_table)
+from ldm_jax.eval.workdir import (apply_overrides, check_reports, is_ldm, load_run_config,
+                                  markdown_table)
 from ldm_jax.logs import console_logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -51,6 +52,12 @@ _GUIDANCE = flags.DEFINE_float("guidance", None,
 _FIRST_STAGE = flags.DEFINE_string("first_stage", None,
                                    "LDM: the first stage's workdir or weights, when it moved "
                                    "since training (replaces config.first_stage.path).")
+_TILE = flags.DEFINE_integer("tile", 0, "Encode and decode (LDM: decode the samples) in "
+                             "overlapping tiles of this many pixels, a multiple of the "
+                             "downsampling factor, so memory follows the tile, not the image "
+                             "(one host); 0 = whole images.", lower_bound=0)
+_TILE_OVERLAP = flags.DEFINE_float("tile_overlap", 0.25, "Tiles' overlap, as a fraction of the "
+                                   "tile.", lower_bound=0.0, upper_bound=0.5)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -71,9 +78,12 @@ def main(argv):
       from ldm_jax.train.ldm_eval import evaluate_ldm_workdir
       from ldm_jax.train.checkpoint import resolve_step
       check_reports(_WORKDIR.value, resolve_step(_WORKDIR.value, _STEP.value))  # before work
-      report = evaluate_ldm_workdir(_WORKDIR.value, config, _STEP.value)
+      report = evaluate_ldm_workdir(_WORKDIR.value, config, _STEP.value, tile=_TILE.value,
+                                    overlap=_TILE_OVERLAP.value)
     else:
-      report = evaluate_workdir(_WORKDIR.value, config, _STEP.value)
+      from ldm_jax.train.autoencoder_eval import evaluate_autoencoder_workdir
+      report = evaluate_autoencoder_workdir(_WORKDIR.value, config, _STEP.value,
+                                            tile=_TILE.value, overlap=_TILE_OVERLAP.value)
   except (FileNotFoundError, ValueError) as e:  # missing files, bad config: no traceback
     raise SystemExit(f"error: {e}") from None
   print(markdown_table(report))

@@ -25,7 +25,7 @@ def main():
   from ldm_jax.config_lib import autoencoder_config
   from ldm_jax.models.autoencoder import build_autoencoder
   from ldm_jax.train import autoencoder_step as step_lib
-  from ldm_jax.train import mesh as mesh_lib
+  from ldm_jax import mesh as mesh_lib
   from ldm_jax.train.autoencoder_setup import build_programs
 
   config = autoencoder_config(kind="kl", embed_dim=4, z_channels=4, ch_mult=(1, 2),

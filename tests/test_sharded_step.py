@@ -9,14 +9,15 @@ import textwrap
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from ldm_jax.train import mesh as mesh_lib
+from ldm_jax import mesh as mesh_lib
 from conftest import cpu_env
 
 SCRIPT = textwrap.dedent("""
     import json
     import jax, numpy as np
     from ldm_jax.config_lib import autoencoder_config
-    from ldm_jax.train import autoencoder_step as step_lib, mesh as mesh_lib
+    from ldm_jax import mesh as mesh_lib
+    from ldm_jax.train import autoencoder_step as step_lib
     from ldm_jax.train.autoencoder_setup import build_programs
     from ldm_jax.models.autoencoder import build_autoencoder
 

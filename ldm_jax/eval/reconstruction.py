@@ -1,8 +1,11 @@
 """Reconstruction metrics of a first-stage model over a data split, streamed and sharded.
 
-One jitted step per global batch encodes and decodes, scores every image (PSNR, SSIM, and
-LPIPS / Inception features when those networks are given) and returns the values; the host
-accumulates them in float64 (`streaming`, `fid`). The trainer's validation and the
+The evaluator takes the model as a function, `reconstruct(state, x, key) -> (xrec, sample
+or None)` (a KL model's posterior mode and a posterior sample, decoded). One jitted step
+per global batch reconstructs and scores every image (PSNR, SSIM, and LPIPS / Inception
+features when those networks are given); a reconstruct function that cannot be jitted
+(tiled encode / decode walks tiles on the host) runs as it is, and only the scoring is
+jitted. The host accumulates the values in float64 (`streaming`, `fid`). The trainer's validation and the
 `ldm_jax.evaluate` CLI both run this, so the numbers during training and after are the
 same computation.
 
@@ -24,8 +27,6 @@ from flax import nnx
 from ldm_jax.eval import fid as fid_lib
 from ldm_jax.eval import metrics as image_metrics
 from ldm_jax.eval.streaming import InceptionForward, MeanStd, image_batch, to_host
-from ldm_jax.train import autoencoder_step as step_lib
-from ldm_jax.train import mesh as mesh_lib
 
 PER_IMAGE = ("psnr", "ssim", "lpips")
 
@@ -41,13 +42,14 @@ class Result:
 class ReconstructionEvaluator:
   """Built once per run (it compiles on first use); call `evaluate` with any state."""
 
-  def __init__(self, programs: step_lib.Programs, kind: str, mesh, *, lpips_model=None,
-               inception=None, reference: tuple[np.ndarray, np.ndarray] | None = None):
-    self.kind = kind
-    self.mesh = mesh
-    self.sharding = mesh_lib.batch_sharding(mesh)
+  def __init__(self, reconstruct: Callable, batch_sharding: jax.sharding.NamedSharding, *,
+               jit_reconstruct: bool = True, lpips_model=None, inception=None,
+               reference: tuple[np.ndarray, np.ndarray] | None = None):
+    """`batch_sharding`: how a global batch lies on the mesh (the networks are replicated
+    on the same mesh)."""
+    self.sharding = batch_sharding
     self.reference = reference
-    replicated = mesh_lib.replicated(mesh)
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     nets = {"lpips": lpips_model, "inception": inception}
     self.net_defs = {k: nnx.graphdef(m) for k, m in nets.items() if m is not None}
     self.net_states = {k: jax.device_put(nnx.state(m), replicated)
@@ -55,15 +57,7 @@ class ReconstructionEvaluator:
     input_features = inception is not None and reference is None
     net_defs = self.net_defs
 
-    def step(state, net_states, x, key):
-      model = step_lib.eval_model(programs, state)
-      if kind == "kl":
-        posterior = model.encode(x)
-        xrec = model.decode(posterior.mode())
-        sample = model.decode(posterior.sample(key))
-      else:
-        xrec = model.decode(model.encode(x))
-        sample = xrec
+    def score(net_states, x, xrec):
       xrec = jnp.clip(xrec.astype(jnp.float32), -1.0, 1.0)
       values = {"psnr": image_metrics.psnr(x, xrec), "ssim": image_metrics.ssim(x, xrec)}
       if "lpips" in net_defs:
@@ -75,9 +69,24 @@ class ReconstructionEvaluator:
           values["features_input"], values["features_recon"] = jnp.split(both, 2)
         else:
           values["features_recon"] = net(xrec)["pool"]
+      return xrec, values
+
+    def step(state, net_states, x, key):
+      xrec, sample = reconstruct(state, x, key)
+      xrec, values = score(net_states, x, xrec)
       return xrec, sample, values
 
-    self._step = jax.jit(step)
+    if jit_reconstruct:
+      self._step = jax.jit(step)
+    else:
+      jitted_score = jax.jit(score)
+
+      def eager_step(state, net_states, x, key):
+        xrec, sample = reconstruct(state, x, key)
+        xrec, values = jitted_score(net_states, x, xrec)
+        return xrec, sample, values
+
+      self._step = eager_step
 
   def evaluate(self, state, batches: Iterable[dict], *, grid: bool = True,
                progress: Callable[[int], None] | None = None) -> Result:
@@ -99,7 +108,7 @@ class ReconstructionEvaluator:
       if input_stats is not None:
         input_stats.update(values["features_input"], mask)
       if grid and i == 0:
-        parts = [x, xrec] + ([sample] if self.kind == "kl" else [])
+        parts = [x, xrec] + ([sample] if sample is not None else [])
         shown = np.concatenate([to_host(p) for p in parts], axis=2)
       if progress is not None:
         progress(int(mask.sum()))
@@ -118,11 +127,11 @@ class ReconstructionEvaluator:
     return Result(metrics, shown, recon_stats, input_stats)
 
 
-def feature_stats(inception, mesh, batches: Iterable[dict],
+def feature_stats(inception, sharding: jax.sharding.NamedSharding, batches: Iterable[dict],
                   progress: Callable[[int], None] | None = None) -> fid_lib.FeatureStats:
-  """Inception pool-feature statistics of a split's images (for reference `.npz` files)."""
-  sharding = mesh_lib.batch_sharding(mesh)
-  forward = InceptionForward(inception, mesh)
+  """Inception pool-feature statistics of a split's images (for reference `.npz` files);
+  `sharding` is the global batch's."""
+  forward = InceptionForward(inception, sharding.mesh)
   stats = fid_lib.FeatureStats()
   for batch in batches:
     x, mask = image_batch(batch, sharding)

@@ -18,7 +18,7 @@ def compute_reference_stats(data_config, split: str, inception_weights: str, out
   from ldm_jax.eval.reconstruction import feature_stats
   from ldm_jax.eval.workdir import num_images
   from ldm_jax.models.inception import make_inception
-  from ldm_jax.train import mesh as mesh_lib
+  from ldm_jax import mesh as mesh_lib
 
   from ldm_jax import outputs
   if not out.endswith(".npz"):
@@ -31,7 +31,7 @@ def compute_reference_stats(data_config, split: str, inception_weights: str, out
   bar = tqdm.tqdm(total=total, unit="img", desc="reference stats",
                   disable=jax.process_index() > 0)
   with bar:
-    stats = feature_stats(inception, mesh, eval_batches(
+    stats = feature_stats(inception, mesh_lib.batch_sharding(mesh), eval_batches(
         data_config, split, batch_size=batch_size, max_examples=num_examples or None),
         progress=bar.update)
   if jax.process_index() == 0:

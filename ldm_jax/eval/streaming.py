@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from ldm_jax.train import mesh as mesh_lib
+from ldm_jax import mesh as mesh_lib
 
 
 def to_host(x) -> np.ndarray:

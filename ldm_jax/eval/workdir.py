@@ -1,10 +1,10 @@
 """Scoring a training workdir's checkpoint, and the reports it writes.
 
 The library half of `python -m ldm_jax.evaluate` (flags live there): the run's saved
-config.json with evaluation overrides, and for a first-stage run the checkpoint restored
-onto the mesh and one streaming pass of `eval.reconstruction` (an LDM run goes to
-`eval.generation` instead); either way `DIR/eval/step_NNNNNNN.json`, a markdown table
-beside it and TensorBoard scalars under `eval/`.
+config.json with evaluation overrides, and the reports either stage writes,
+`DIR/eval/step_NNNNNNN.json`, a markdown table beside it and TensorBoard scalars under
+`eval/`. Restoring a checkpoint and building the function an evaluator takes is the
+stage's own (`train.autoencoder_eval`, `train.ldm_eval`): nothing here imports `train/`.
 """
 
 from __future__ import annotations
@@ -86,54 +86,6 @@ def num_images(data_config, split: str, limit: int | None) -> int:
   from ldm_jax.data.sources import make_source
   total = len(make_source(data_config, split))
   return min(total, limit) if limit else total
-
-
-def evaluate_workdir(workdir: str, config, step: int | None = None) -> dict:
-  """Scores `workdir`'s checkpoint under `config`; writes the reports; returns them."""
-  import jax
-  import tqdm
-
-  from ldm_jax.data.pipeline import eval_batches
-  from ldm_jax.eval.reconstruction import ReconstructionEvaluator, summary_line
-  from ldm_jax.eval.setup import eval_networks
-  from ldm_jax.models.lpips import make_lpips
-  from ldm_jax.train import checkpoint, mesh as mesh_lib
-  from ldm_jax.train.autoencoder_setup import abstract_state, build_programs
-
-  step = checkpoint.resolve_step(workdir, step)
-  check_reports(workdir, step)  # both fail before anything is built
-  spec, programs = build_programs(config)
-  layout = mesh_lib.Layout.from_config(config.train)
-  mesh = layout.mesh
-  batch_size = int(config.data.batch_size)
-  mesh_lib.check_batch(batch_size, mesh)
-  inception, reference = eval_networks(config)
-  lpips_model = make_lpips(config.loss.lpips_weights) if config.loss.lpips_weights else None
-  abstract = abstract_state(config, spec, programs)
-  target = checkpoint.abstract_with_shardings(abstract,
-                                              layout.state_shardings(abstract))
-  state, step = checkpoint.restore_state_only(workdir, target, step)
-
-  split = config.data.val_split
-  limit = int(config.eval.num_examples) or None
-  total = num_images(config.data, split, limit)
-  logging.info("evaluating step %d on %d images of %r (rFID: %s, LPIPS: %s)", step, total,
-               split, "yes" if inception is not None else "no (no Inception weights)",
-               "yes" if lpips_model is not None else "no (no LPIPS weights)")
-  evaluator = ReconstructionEvaluator(programs, spec.kind, mesh, lpips_model=lpips_model,
-                                      inception=inception, reference=reference)
-  bar = tqdm.tqdm(total=total, unit="img", desc="evaluate",
-                  disable=jax.process_index() > 0)
-  with bar:
-    out = evaluator.evaluate(state, eval_batches(config.data, split, batch_size=batch_size,
-                                                 max_examples=limit),
-                             grid=False, progress=bar.update)
-  metrics = out.metrics
-  logging.info("step %d: %s", step, summary_line(metrics))
-  report = make_report(step, split, metrics, state.ema is not None, config,
-                       lpips_weights=config.loss.lpips_weights)
-  publish(workdir, report)
-  return report
 
 
 def make_report(step: int, split: str, metrics: dict, has_ema: bool, config, **extra) -> dict:

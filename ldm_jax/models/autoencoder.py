@@ -324,6 +324,13 @@ class AutoencoderKL(nnx.Module):
     z = posterior.sample(key) if key is not None else posterior.mode()
     return self.decode(z, rngs), posterior
 
+  def reconstructions(self, x: jax.Array, key: jax.Array, encode=None, decode=None):
+    """(decoded posterior mode, decoded posterior sample): what evaluation scores and
+    shows. `encode` / `decode` replace the plain calls (tiled ones, models.tiling)."""
+    posterior = (encode or self.encode)(x)
+    decode = decode or self.decode
+    return decode(posterior.mode()), decode(posterior.sample(key))
+
   @property
   def last_layer(self) -> nnx.Param:
     """The decoder's output conv kernel: the adaptive GAN weight is computed from it."""
@@ -373,6 +380,11 @@ class VQModel(nnx.Module):
                rngs: nnx.Rngs | None = None) -> tuple[jax.Array, Quantized]:
     quantized = self.quantize(self.encode(x, rngs), key)
     return self.decode(quantized.z_q, force_not_quantize=True, rngs=rngs), quantized
+
+  def reconstructions(self, x: jax.Array, key: jax.Array, encode=None, decode=None):
+    """(reconstruction, None): a VQ code has no posterior to sample (see AutoencoderKL)."""
+    del key
+    return (decode or self.decode)((encode or self.encode)(x)), None
 
   @property
   def last_layer(self) -> nnx.Param:

@@ -15,11 +15,11 @@ from flax import nnx
 
 
 # Logical names of activations, resolved to mesh axes by the rules of
-# ldm_jax.train.mesh (models know names, never meshes).
+# ldm_jax.mesh (models know names, never meshes).
 NHWC = ("batch", "height", "width", "channels")
 BLC = ("batch", "length", "channels")
 
-# Set by ldm_jax.train.mesh.activation_sharding: (names, shape) -> a Sharding, or None to
+# Set by ldm_jax.mesh.activation_sharding: (names, shape) -> a Sharding, or None to
 # leave the array alone. Read at trace time, so it holds inside jit, remat and scan.
 ACTIVATION_SHARDING: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
     "ldm_jax_activation_sharding", default=None)

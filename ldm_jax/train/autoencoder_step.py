@@ -30,7 +30,7 @@ from ldm_jax.models.autoencoder import AutoencoderSpec, abstract_autoencoder
 from ldm_jax.models.discriminator import ActNorm, BatchNorm, NLayerDiscriminator
 from ldm_jax.models.distributions import DiagonalGaussian
 from ldm_jax.train import guard
-from ldm_jax.train import mesh as mesh_lib
+from ldm_jax import mesh as mesh_lib
 from ldm_jax.train.optim import ema_update
 
 sg = jax.lax.stop_gradient
@@ -368,3 +368,21 @@ def eval_model(programs: Programs, state: TrainState, use_ema: bool = True):
   """The autoencoder with the weights evaluation and export should use (EMA if present)."""
   params = state.ema if (use_ema and state.ema is not None) else state.params
   return merge(programs.model_def, params, state.frozen, state.rest)
+
+
+def reconstruct_fn(programs: Programs, tile: int = 0, overlap: float = 0.25):
+  """`reconstruct(state, x, key) -> (xrec, sample or None)` for the reconstruction
+  evaluator, with the evaluation weights. With `tile` (pixels) the model encodes and
+  decodes in overlapping tiles (models.tiling): that function walks tiles on the host, so
+  it is not for jax.jit."""
+
+  def reconstruct(state, x, key):
+    model = eval_model(programs, state)
+    if not tile:
+      return model.reconstructions(x, key)
+    from ldm_jax.models.tiling import tiled_decode, tiled_encode
+    return model.reconstructions(
+        x, key, encode=functools.partial(tiled_encode, model, tile=tile, overlap=overlap),
+        decode=functools.partial(tiled_decode, model, tile=tile, overlap=overlap))
+
+  return reconstruct

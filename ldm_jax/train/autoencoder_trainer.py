@@ -34,7 +34,7 @@ from ldm_jax.models.autoencoder import AutoencoderSpec, build_autoencoder
 from ldm_jax.models.lpips import make_lpips
 from ldm_jax.train import autoencoder_step as step_lib
 from ldm_jax.train import loop
-from ldm_jax.train import mesh as mesh_lib
+from ldm_jax import mesh as mesh_lib
 from ldm_jax.train.autoencoder_setup import build_programs, check_config
 from ldm_jax.train.images import save_grid
 from ldm_jax.train.optim import learning_rate
@@ -253,8 +253,8 @@ class Evaluator:
     if not self.batches:
       raise ValueError(f"the validation split {config.data.val_split!r} is empty")
     self.evaluator = ReconstructionEvaluator(
-        run.programs, run.spec.kind, run.mesh, lpips_model=run.eval_lpips,
-        inception=run.inception, reference=run.reference_stats)
+        step_lib.reconstruct_fn(run.programs), mesh_lib.batch_sharding(run.mesh),
+        lpips_model=run.eval_lpips, inception=run.inception, reference=run.reference_stats)
 
   def __call__(self, state, step: int, writer) -> dict:
     out = self.evaluator.evaluate(state, self.batches)

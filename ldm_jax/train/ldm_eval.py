@@ -16,12 +16,13 @@ from ldm_jax.eval.generation import GenerationEvaluator, is_splits
 from ldm_jax.eval.reconstruction import summary_line
 from ldm_jax.eval.setup import eval_config, eval_networks
 from ldm_jax.train import ldm_trainer
-from ldm_jax.train import mesh as mesh_lib
+from ldm_jax import mesh as mesh_lib
 
 
-def sample_fn(run: ldm_trainer.LDMRun):
-  """`sample_fn(state, batch, index, key, num)` for `GenerationEvaluator`."""
-  sampler = ldm_trainer.make_sampler(run)
+def sample_fn(run: ldm_trainer.LDMRun, tile: int = 0, overlap: float = 0.25):
+  """`sample_fn(state, batch, index, key, num)` for `GenerationEvaluator`; `tile` (pixels):
+  the first stage decodes the samples in overlapping tiles (`make_sampler`)."""
+  sampler = ldm_trainer.make_sampler(run, tile=tile, overlap=overlap)
   sharding = mesh_lib.batch_sharding(run.mesh)
   first_stage_state = jax.device_put(run.first_stage_state, mesh_lib.replicated(run.mesh))
 
@@ -33,8 +34,9 @@ def sample_fn(run: ldm_trainer.LDMRun):
   return sample
 
 
-def evaluator(run: ldm_trainer.LDMRun, inception, reference=None) -> GenerationEvaluator:
-  return GenerationEvaluator(sample_fn(run), run.mesh, mesh_lib.batch_sharding(run.mesh),
+def evaluator(run: ldm_trainer.LDMRun, inception, reference=None, tile: int = 0,
+              overlap: float = 0.25) -> GenerationEvaluator:
+  return GenerationEvaluator(sample_fn(run, tile, overlap), run.mesh, mesh_lib.batch_sharding(run.mesh),
                              inception, reference)
 
 
@@ -76,9 +78,11 @@ def training_evaluation(run: ldm_trainer.LDMRun) -> TrainingEvaluation | None:
   return TrainingEvaluation(run)
 
 
-def evaluate_ldm_workdir(workdir: str, config, step: int | None = None) -> dict:
+def evaluate_ldm_workdir(workdir: str, config, step: int | None = None, *, tile: int = 0,
+                         overlap: float = 0.25) -> dict:
   """Scores an LDM workdir's checkpoint under `config` (its config.json with
-  `workdir.apply_overrides`); writes the reports; returns them."""
+  `workdir.apply_overrides`); writes the reports; returns them. `tile`: decode the samples
+  in overlapping tiles of that many pixels."""
   import tqdm
 
   from ldm_jax.eval.workdir import make_report, num_images, publish
@@ -88,6 +92,10 @@ def evaluate_ldm_workdir(workdir: str, config, step: int | None = None) -> dict:
   # Without the network there is nothing to report: fail before building anything.
   inception, reference = eval_networks(config, required=True)
   run = ldm_trainer.build_run(config, workdir, check_training_data=False)
+  factor = run.first_stage.spec.downsample_factor
+  if tile % factor:
+    raise ValueError(f"--tile={tile} must be a multiple of the first stage's downsampling "
+                     f"factor {factor}")
   abstract = abstract_state(config, run.spec, run.programs)
   target = checkpoint.abstract_with_shardings(abstract,
                                               run.layout.state_shardings(abstract))
@@ -101,7 +109,7 @@ def evaluate_ldm_workdir(workdir: str, config, step: int | None = None) -> dict:
                "of %r, against %s", step, total, sample.sampler, sample.steps,
                sample.guidance_scale, split,
                config.eval.reference_stats or "the real images of the same examples")
-  scorer = evaluator(run, inception, reference)
+  scorer = evaluator(run, inception, reference, tile, overlap)
   bar = tqdm.tqdm(total=total, unit="img", desc="sample + score",
                   disable=jax.process_index() > 0)
   with bar:
@@ -112,6 +120,6 @@ def evaluate_ldm_workdir(workdir: str, config, step: int | None = None) -> dict:
       step, split, metrics, state.ema is not None, config, sampler=sample.sampler,
       steps=int(sample.steps), eta=float(sample.eta), guidance=float(sample.guidance_scale),
       is_splits=is_splits(metrics["num_examples"]), seed=scorer.seed,
-      batch_size=run.global_batch)
+      batch_size=run.global_batch, **({"tile": tile, "tile_overlap": overlap} if tile else {}))
   publish(workdir, report)
   return report

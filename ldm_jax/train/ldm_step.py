@@ -24,7 +24,7 @@ from ldm_jax.losses.diffusion import DiffusionLossConfig, diffusion_loss, drop_c
 from ldm_jax.models.ldm import LatentDiffusion
 from ldm_jax.train import concat as concat_lib
 from ldm_jax.train import first_stage, guard
-from ldm_jax.train import mesh as mesh_lib
+from ldm_jax import mesh as mesh_lib
 from ldm_jax.train.autoencoder_step import merge
 from ldm_jax.train.optim import ema_update
 

@@ -27,7 +27,7 @@ from ldm_jax.data.sources import check_data
 from ldm_jax.diffusion import samplers
 from ldm_jax.train import first_stage, ldm_step
 from ldm_jax.train import concat as concat_lib
-from ldm_jax.train import mesh as mesh_lib
+from ldm_jax import mesh as mesh_lib
 from ldm_jax.train import loop
 from ldm_jax.train.guard import NonFiniteError
 from ldm_jax.train.images import save_grid

@@ -29,7 +29,7 @@ from ldm_jax import fs
 from ldm_jax.data.pipeline import data_report, skipped_records
 from ldm_jax.logs import line_notes
 from ldm_jax.train import checkpoint, resume
-from ldm_jax.train import mesh as mesh_lib
+from ldm_jax import mesh as mesh_lib
 from ldm_jax.train.guard import NonFiniteGuard, check_policy, guard_settings
 from ldm_jax.train.preemption import PreemptionFlag
 
