@@ -349,6 +349,19 @@ def write_text(p: str | os.PathLike, text: str, encoding: str = "utf-8") -> None
   write_bytes(p, text.encode(encoding))
 
 
+def replace_text(p: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+  """Writes a small file that a reader must always find whole: locally a temporary sibling
+  renamed over it, on GCS one upload (objects are replaced atomically)."""
+  p = os.fspath(p)
+  if is_remote(p):
+    write_text(p, text, encoding)
+    return
+  tmp = f"{p}.tmp"
+  with io.open(tmp, "w", encoding=encoding) as f:
+    f.write(text)
+  os.replace(tmp, p)
+
+
 def append_text(p: str | os.PathLike, text: str) -> None:
   """Appends `text` to a file (created if missing). GCS objects cannot be appended to:
   the object is read and written back whole, so keep such files small and written by one

@@ -146,6 +146,28 @@ def test_latent_scaling_is_none_outside_diffusers_folders(tmp_path):
   assert diffusers_latent_scaling(tmp_path) is None  # a folder without config.json
 
 
+def test_a_finetune_records_its_sources_latent_scaling(tmp_path):
+  """An export reads the scale and shift from the run's own record, not from a source
+  that may have moved; a moved source without a record is an error, not a default."""
+  import ml_collections
+  from ldm_jax.train.autoencoder_trainer import init_latent_scaling, record_latent_scaling
+  source, workdir = tmp_path / "vae", tmp_path / "run"
+  source.mkdir()
+  workdir.mkdir()
+  (source / "config.json").write_text(json.dumps(
+      {"_class_name": "AutoencoderKL", "scaling_factor": 0.3611, "shift_factor": 0.1159}))
+  train = ml_collections.ConfigDict({"init_from": str(source)})
+  scaling = init_latent_scaling(train, str(workdir))
+  assert scaling == {"scaling_factor": 0.3611, "shift_factor": 0.1159}
+  (source / "config.json").unlink()
+  source.rmdir()
+  with pytest.raises(FileNotFoundError, match="is gone.*latent_scaling.json"):
+    init_latent_scaling(train, str(workdir))
+  record_latent_scaling(str(workdir), scaling)
+  assert init_latent_scaling(train, str(workdir)) == scaling
+  assert init_latent_scaling(ml_collections.ConfigDict({"init_from": ""})) == {}
+
+
 def test_vq_without_quant_conv_refuses_diffusers_export(tmp_path):
   spec = AutoencoderSpec(kind="vq", resolution=32, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                          z_channels=3, embed_dim=3, n_embed=16, use_quant_conv=False)

@@ -26,6 +26,9 @@ KNOWN_KEYS = {
 }
 
 
+INIT_DISCRIMINATOR = ("auto", "fresh")  # train.init_discriminator
+
+
 def check_config(config: ml_collections.ConfigDict) -> tuple[AutoencoderSpec, LossConfig]:
   """Fails with a clear message on unknown keys or inconsistent values."""
   for block, known in KNOWN_KEYS.items():
@@ -49,6 +52,15 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[AutoencoderSpec, Lo
   if config.train.decoder_only and not config.train.init_from:
     raise ValueError("train.decoder_only fine-tunes a trained decoder: set "
                      "train.init_from to the autoencoder weights to start from")
+  mode = config.train.get("init_discriminator", "auto")  # absent in configs saved before it
+  if mode not in INIT_DISCRIMINATOR:
+    raise ValueError(f"train.init_discriminator={mode!r}; choose 'auto' (load the "
+                     "discriminator of a train.init_from training checkpoint when it holds "
+                     "one) or 'fresh' (start a new one from train.seed)")
+  if config.train.get("finetunes") and not config.train.init_from:
+    raise ValueError(f"this config fine-tunes {config.train.finetunes}: download those "
+                     "weights and set --config.train.init_from=PATH (the diffusers vae "
+                     "folder, or a CompVis checkpoint)")
   return spec, loss
 
 

@@ -85,9 +85,6 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
              global_batch, int(config.optim.accumulate_grad_batches))
 
 
-INIT_DISCRIMINATOR = ("auto", "fresh")
-
-
 def initial_state(run: Run) -> step_lib.TrainState:
   """The state a new run starts from: `train.init_from`'s weights, else the seed's init.
 
@@ -100,14 +97,6 @@ def initial_state(run: Run) -> step_lib.TrainState:
   seed = int(train.seed)
   init_from = train.init_from
   mode = train.get("init_discriminator", "auto")  # absent in configs saved before it
-  if mode not in INIT_DISCRIMINATOR:
-    raise ValueError(f"train.init_discriminator={mode!r}; choose 'auto' (load the "
-                     "discriminator of a train.init_from training checkpoint when it holds "
-                     "one) or 'fresh' (start a new one from train.seed)")
-  if train.get("finetunes") and not init_from:
-    raise ValueError(f"this config fine-tunes {train.finetunes}: download those weights and "
-                     "set --config.train.init_from=PATH (the diffusers vae folder, or a "
-                     "CompVis checkpoint)")
   disc = step_lib.build_discriminator(run.loss, run.spec.dtype, seed)
   if not init_from:
     logging.info("discriminator: fresh (train.seed=%d); autoencoder: fresh", seed)
@@ -180,6 +169,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
   `train.init_from`), the export target checked; nothing written yet."""
   run = build_run(config, workdir)
   check_export_target(workdir, config)
+  state = initial_state(run)  # a missing train.init_from fails here, with its own message
+  latent_scaling = init_latent_scaling(config.train, workdir)  # before anything is written
   size = int(config.data.image_size)
   global_shape = (run.accumulate, run.global_batch, size, size, 3)
 
@@ -191,11 +182,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
       batch = _next_update_batch(iterator, run.accumulate, batch_sharding, global_shape)
       return compiled(state, batch, run.lpips_state)
 
+    if config.train.init_from:  # the workdir exists now; the source may not stay
+      record_latent_scaling(workdir, latent_scaling)
     return loop.Started(state, train_step, [(int(config.train.eval_every), Evaluator(run))])
 
   lr = learning_rate(config.optim, run.global_batch)
   return loop.Stage(
-      name="autoencoder", layout=run.layout, state=initial_state(run), guarded=step_lib.GUARDED,
+      name="autoencoder", layout=run.layout, state=state, guarded=step_lib.GUARDED,
       make_iterator=lambda: train_iterator(config.data, global_batch_size=run.global_batch,
                                            seed=int(config.data.seed)),
       images_per_step=run.global_batch * run.accumulate, learning_rate=lambda step: lr,
@@ -203,7 +196,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
       export_exists=lambda: fs.exists(export_path(workdir, config)))
 
 
-CONSOLE_KEYS = ("total_loss", "rec_loss", "kl_loss", "quant_loss", "g_loss", "disc_loss")
+CONSOLE_KEYS = ("total_loss", "rec_loss", "pixel_loss", "kl_loss", "quant_loss", "g_loss",
+                "disc_loss")
 
 
 def export_path(workdir: str, config) -> str:
@@ -218,13 +212,36 @@ def check_export_target(workdir: str, config) -> None:
   check_target(export_path(workdir, config), "autoencoder")
 
 
-def init_latent_scaling(train_config) -> dict:
+LATENT_SCALING_FILE = "latent_scaling.json"
+
+
+def init_latent_scaling(train_config, workdir: str | None = None) -> dict:
   """The latent normalization a fine-tune's source folder states (`train.init_from`, a
   diffusers folder: SDXL's scale, SD3's and FLUX.1's scale and shift, force_upcast), as
-  `save_autoencoder` keywords: fine-tuning keeps the latent space, so exports say so too."""
+  `save_autoencoder` keywords: fine-tuning keeps the latent space, so exports say so too.
+
+  A run records what it read in `workdir/latent_scaling.json` (`record_latent_scaling`),
+  and that record wins: the source may have moved by the time the run is exported. A
+  source that is gone with no record is an error, never a silent default scale."""
   from ldm_jax.convert.autoencoder import diffusers_latent_scaling
+  if workdir is not None and fs.exists(fs.join(workdir, LATENT_SCALING_FILE)):
+    return json.loads(fs.read_text(fs.join(workdir, LATENT_SCALING_FILE)))
   source = train_config.get("init_from", "")
-  return (diffusers_latent_scaling(source) or {}) if source else {}
+  if not source:
+    return {}
+  if not fs.exists(source):
+    raise FileNotFoundError(
+        f"train.init_from={source} is gone and the run recorded no {LATENT_SCALING_FILE}, "
+        "so the latent scale and shift its export should state are unknown: put the source "
+        "back (or its config.json), or write that file in the workdir as "
+        '{"scaling_factor": ..., "shift_factor": ...}')
+  return diffusers_latent_scaling(source) or {}
+
+
+def record_latent_scaling(workdir: str, scaling: dict) -> None:
+  """Keeps what `init_latent_scaling` read beside the checkpoints (process 0)."""
+  if jax.process_index() == 0:
+    fs.replace_text(fs.join(workdir, LATENT_SCALING_FILE), json.dumps(scaling, indent=2))
 
 
 def export(run: Run, state: step_lib.TrainState, workdir: str) -> str | None:
@@ -234,7 +251,7 @@ def export(run: Run, state: step_lib.TrainState, workdir: str) -> str | None:
   model = step_lib.eval_model(run.programs, jax.device_get(state))
   path = export_path(workdir, run.config)
   save_autoencoder(model, path, format=run.config.train.export_format,
-                   **init_latent_scaling(run.config.train))
+                   **init_latent_scaling(run.config.train, workdir))
   logging.info("exported %s weights to %s", run.config.train.export_format, path)
   return path
 

@@ -58,7 +58,7 @@ def export_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: bool
   checkpoint.resolve_step(workdir, step)  # a missing step fails before anything is built
   model, restored_step, has_ema = restore_autoencoder(workdir, use_ema, step)
   save_autoencoder(model, out, format=fmt, overwrite=overwrite,
-                   **init_latent_scaling(load_run_config(workdir).train))
+                   **init_latent_scaling(load_run_config(workdir).train, workdir))
   logging.info("exported step %d (%s weights) to %s", restored_step,
                "EMA" if use_ema and has_ema else "trained", out)
   return restored_step

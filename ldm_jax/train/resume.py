@@ -17,7 +17,6 @@ saved config.json works from any current directory (`sample`, `export`, `evaluat
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from absl import logging
@@ -179,20 +178,8 @@ def write_config(config, workdir: str) -> None:
     return
   text = config.to_json_best_effort(indent=2)
   path = fs.join(workdir, "config.json")
-  if fs.is_remote(path):  # one upload replaces an object atomically
-    if fs.exists(path):
-      if fs.read_text(path) == text:
-        return
-      fs.copy(path, fs.join(workdir, "config.previous.json"))
-    fs.write_text(path, text)
-    return
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  if os.path.exists(path):
-    with open(path) as f:
-      if f.read() == text:
-        os.remove(tmp)
-        return
-    fs.copy(path, os.path.join(workdir, "config.previous.json"))
-  os.replace(tmp, path)  # a config.json is there at every moment
+  if fs.exists(path):
+    if fs.read_text(path) == text:
+      return
+    fs.copy(path, fs.join(workdir, "config.previous.json"))
+  fs.replace_text(path, text)  # a config.json is there at every moment
