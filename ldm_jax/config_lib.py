@@ -28,7 +28,8 @@ def autoencoder_config(*, kind: str, embed_dim: int, z_channels: int, ch_mult: t
       dropout=0.0, z_channels=z_channels, embed_dim=embed_dim, n_embed=n_embed, beta=0.25,
       legacy=True, remap=None, unknown_index="random", dtype="float32", remat=False,
       # Later VAEs drop these (SD3 / FLUX.1: no quant convs); see AutoencoderSpec.
-      use_quant_conv=True, use_post_quant_conv=True, mid_block_attention=True)
+      use_quant_conv=True, use_post_quant_conv=True, mid_block_attention=True,
+      norm_num_groups=32)
   config.loss = dict(
       disc_start=50001, disc_weight=0.5, disc_factor=1.0, disc_num_layers=3, disc_ndf=64,
       disc_in_channels=3, disc_loss="hinge", use_actnorm=False, kl_weight=1e-6,

@@ -114,6 +114,23 @@ def test_lineage_loads_matches_and_exports(tmp_path, images, lineage):
     torch.testing.assert_close(exported[key], original[key], rtol=0, atol=0, msg=key)
 
 
+def test_norm_num_groups_loads_matches_and_exports(tmp_path, images):
+  """diffusers' `norm_num_groups` (8: four channels per group at width 32, as the demos
+  use): read from config.json, same numbers, written back; CompVis code cannot build it,
+  so a CompVis export is refused with the way out."""
+  reference = _reference({"latent_channels": 4, "norm_num_groups": 8})
+  reference.save_pretrained(tmp_path / "vae")
+  model = load_autoencoder(tmp_path / "vae")
+  assert model.spec.norm_num_groups == 8 and model.decoder.norm_out.num_groups == 8
+  _assert_matches(model, reference, images)
+  save_autoencoder(model, tmp_path / "export", format="diffusers")
+  back = diffusers.AutoencoderKL.from_pretrained(tmp_path / "export")
+  assert back.config["norm_num_groups"] == 8
+  with pytest.raises(ValueError, match="norm_num_groups=8.*format='diffusers'"):
+    save_autoencoder(model, tmp_path / "vae.safetensors", format="compvis")
+  assert not (tmp_path / "vae.safetensors").exists()
+
+
 def test_spec_options_round_trip_through_compvis_metadata(tmp_path):
   spec = AutoencoderSpec(kind="kl", resolution=32, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                          attn_resolutions=(16,), z_channels=16, embed_dim=16,

@@ -64,6 +64,8 @@ def read_autoencoder_weights(path: str | os.PathLike) -> AutoencoderWeights:
     resolution = config.get("sample_size")
     options = {field: bool(config[name]) for name, field in _DIFFUSERS_OPTIONS.items()
                if name in config}
+    if "norm_num_groups" in config:  # not visible in the tensors' shapes
+      options["norm_num_groups"] = int(config["norm_num_groups"])
     latent = {name: config[name] for name in _DIFFUSERS_LATENT_FIELDS if name in config}
   elif not path.exists():
     raise WeightFileError(f"no weights at {path}")
@@ -296,6 +298,8 @@ def save_autoencoder(model, path: str | os.PathLike, format: str = "diffusers",
     raise ValueError(f"format must be 'diffusers' or 'compvis', got {format!r}")
   if format == "compvis" and Path(path).suffix != ".safetensors":
     raise ValueError(f"a CompVis export is one .safetensors file; got {path}")
+  if format == "compvis" and (problem := compvis_unsupported(spec)):
+    raise ValueError(problem)
   outputs.check_target(path, outputs.AUTOENCODER, overwrite=overwrite)  # before the work
   tensors = export_state(model)
   if format == "compvis":
@@ -305,6 +309,16 @@ def save_autoencoder(model, path: str | os.PathLike, format: str = "diffusers",
     config = diffusers_config(spec, scaling_factor, shift_factor, force_upcast=force_upcast)
     write_diffusers_folder(keymaps.compvis_to_diffusers(tensors), config, path,
                            kind=outputs.AUTOENCODER, overwrite=overwrite)
+
+
+def compvis_unsupported(spec: AutoencoderSpec) -> str | None:
+  """Why CompVis code could not build `spec`, or None. Its Normalize is GroupNorm(32)
+  always, so a model with other groups loads only where a config says so (diffusers)."""
+  if spec.norm_num_groups != 32:
+    return (f"this autoencoder has norm_num_groups={spec.norm_num_groups}, and CompVis code "
+            "always builds GroupNorm(32): export it with format='diffusers' (whose config.json "
+            "records norm_num_groups) instead of 'compvis'")
+  return None
 
 
 def _spec_json(spec: AutoencoderSpec) -> dict:
@@ -346,7 +360,7 @@ def diffusers_config(spec: AutoencoderSpec, scaling_factor: float = _DIFFUSERS_D
       up_block_types=["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D"
                       for a in reversed(attn)],
       block_out_channels=[spec.ch * m for m in spec.ch_mult],
-      layers_per_block=spec.num_res_blocks, act_fn="silu", norm_num_groups=32,
+      layers_per_block=spec.num_res_blocks, act_fn="silu", norm_num_groups=spec.norm_num_groups,
       sample_size=spec.resolution, scaling_factor=scaling_factor,
       mid_block_add_attention=spec.attn_type == "vanilla" and spec.mid_block_attention)
   if spec.kind == "kl":

@@ -49,6 +49,11 @@ class AutoencoderSpec:
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
   mid_block_attention: bool = True  # only with attn_type="vanilla"
+  # GroupNorm's groups (diffusers' `norm_num_groups`; CompVis fixes 32). At the published
+  # ch=128 a group holds 4 channels; a narrow model with 32 groups normalizes each channel
+  # on its own (instance norm), which leaves the decoder's last norm no way to carry an
+  # image's mean colour: the reduced-width demos keep 4 channels per group instead.
+  norm_num_groups: int = 32
   dtype: str = "float32"  # compute dtype; parameters are always float32
   remat: bool = False  # rematerialize each block in the backward pass
 
@@ -62,10 +67,13 @@ class AutoencoderSpec:
       problems.append("a VQ model needs n_embed > 0 (the codebook size)")
     if not self.ch_mult or self.num_res_blocks < 1:
       problems.append("ch_mult must be non-empty and num_res_blocks >= 1")
-    for width in {self.ch * m for m in self.ch_mult}:
-      if width % 32:
-        problems.append(f"channel width {width} (ch * ch_mult) is not a multiple of 32, "
-                        "which GroupNorm(32) needs")
+    if self.norm_num_groups < 1:
+      problems.append(f"norm_num_groups must be >= 1, got {self.norm_num_groups}")
+    else:
+      for width in sorted({self.ch * m for m in self.ch_mult}):
+        if width % self.norm_num_groups:
+          problems.append(f"channel width {width} (ch * ch_mult) is not a multiple of "
+                          f"norm_num_groups={self.norm_num_groups}, which GroupNorm needs")
     # Without a quant conv nothing maps between the encoder/decoder width (z_channels)
     # and the latent (embed_dim), so the two must agree.
     for flag, joins in (("use_quant_conv", "the encoder output straight to the latent"),
@@ -101,10 +109,11 @@ class AutoencoderSpec:
 class ResnetBlock(nnx.Module):
   """GN-swish-conv twice with a residual; 1x1 `nin_shortcut` when channels change."""
 
-  def __init__(self, in_ch: int, out_ch: int, *, dropout: float, dtype, rngs: nnx.Rngs):
-    self.norm1 = Normalize(in_ch, rngs=rngs)
+  def __init__(self, in_ch: int, out_ch: int, *, dropout: float, dtype, rngs: nnx.Rngs,
+               groups: int = 32):
+    self.norm1 = Normalize(in_ch, rngs=rngs, num_groups=groups)
     self.conv1 = conv(in_ch, out_ch, 3, padding=PAD_1, dtype=dtype, rngs=rngs)
-    self.norm2 = Normalize(out_ch, rngs=rngs)
+    self.norm2 = Normalize(out_ch, rngs=rngs, num_groups=groups)
     self.dropout = nnx.Dropout(dropout) if dropout > 0 else None
     self.conv2 = conv(out_ch, out_ch, 3, padding=PAD_1, dtype=dtype, rngs=rngs)
     self.nin_shortcut = (conv(in_ch, out_ch, 1, padding="VALID", dtype=dtype, rngs=rngs)
@@ -124,8 +133,8 @@ class ResnetBlock(nnx.Module):
 class AttnBlock(nnx.Module):
   """Single-head self-attention over all H*W positions with 1x1-conv projections."""
 
-  def __init__(self, channels: int, *, dtype, rngs: nnx.Rngs):
-    self.norm = Normalize(channels, rngs=rngs)
+  def __init__(self, channels: int, *, dtype, rngs: nnx.Rngs, groups: int = 32):
+    self.norm = Normalize(channels, rngs=rngs, num_groups=groups)
     self.q = conv(channels, channels, 1, padding="VALID", dtype=dtype, rngs=rngs)
     self.k = conv(channels, channels, 1, padding="VALID", dtype=dtype, rngs=rngs)
     self.v = conv(channels, channels, 1, padding="VALID", dtype=dtype, rngs=rngs)
@@ -184,11 +193,13 @@ class Level(nnx.Module):
 
 class Mid(nnx.Module):
   def __init__(self, channels: int, *, spec: AutoencoderSpec, rngs: nnx.Rngs):
-    dtype = spec.compute_dtype
-    self.block_1 = ResnetBlock(channels, channels, dropout=spec.dropout, dtype=dtype, rngs=rngs)
-    self.attn_1 = (AttnBlock(channels, dtype=dtype, rngs=rngs)
+    dtype, groups = spec.compute_dtype, spec.norm_num_groups
+    self.block_1 = ResnetBlock(channels, channels, dropout=spec.dropout, dtype=dtype, rngs=rngs,
+                               groups=groups)
+    self.attn_1 = (AttnBlock(channels, dtype=dtype, rngs=rngs, groups=groups)
                    if spec.attn_type == "vanilla" and spec.mid_block_attention else None)
-    self.block_2 = ResnetBlock(channels, channels, dropout=spec.dropout, dtype=dtype, rngs=rngs)
+    self.block_2 = ResnetBlock(channels, channels, dropout=spec.dropout, dtype=dtype, rngs=rngs,
+                               groups=groups)
 
   def __call__(self, x: jax.Array, rngs, remat: bool) -> jax.Array:
     x = _run(self.block_1, constrain(x), rngs, remat)
@@ -223,17 +234,17 @@ class Encoder(nnx.Module):
       block_in = ch * in_mult[i]
       for _ in range(spec.num_res_blocks):
         blocks.append(ResnetBlock(block_in, ch * mult, dropout=spec.dropout, dtype=dtype,
-                                  rngs=rngs))
+                                  rngs=rngs, groups=spec.norm_num_groups))
         block_in = ch * mult
         if with_attn:
-          attns.append(AttnBlock(block_in, dtype=dtype, rngs=rngs))
+          attns.append(AttnBlock(block_in, dtype=dtype, rngs=rngs, groups=spec.norm_num_groups))
       last = i == len(spec.ch_mult) - 1
       levels.append(Level(blocks, attns, None if last else "downsample",
                           None if last else Downsample(block_in, dtype=dtype, rngs=rngs)))
     self.down = nnx.List(levels)
     block_in = ch * spec.ch_mult[-1]
     self.mid = Mid(block_in, spec=spec, rngs=rngs)
-    self.norm_out = Normalize(block_in, rngs=rngs)
+    self.norm_out = Normalize(block_in, rngs=rngs, num_groups=spec.norm_num_groups)
     out = 2 * spec.z_channels if double_z else spec.z_channels
     self.conv_out = conv(block_in, out, 3, padding=PAD_1, dtype=dtype, rngs=rngs)
 
@@ -260,14 +271,14 @@ class Decoder(nnx.Module):
       blocks, attns = [], []
       for _ in range(spec.num_res_blocks + 1):
         blocks.append(ResnetBlock(block_in, ch * spec.ch_mult[i], dropout=spec.dropout,
-                                  dtype=dtype, rngs=rngs))
+                                  dtype=dtype, rngs=rngs, groups=spec.norm_num_groups))
         block_in = ch * spec.ch_mult[i]
         if attn_levels[i]:
-          attns.append(AttnBlock(block_in, dtype=dtype, rngs=rngs))
+          attns.append(AttnBlock(block_in, dtype=dtype, rngs=rngs, groups=spec.norm_num_groups))
       levels[i] = Level(blocks, attns, "upsample" if i else None,
                         Upsample(block_in, dtype=dtype, rngs=rngs) if i else None)
     self.up = nnx.List([levels[i] for i in range(len(spec.ch_mult))])
-    self.norm_out = Normalize(block_in, rngs=rngs)
+    self.norm_out = Normalize(block_in, rngs=rngs, num_groups=spec.norm_num_groups)
     self.conv_out = conv(block_in, spec.out_ch, 3, padding=PAD_1, dtype=dtype, rngs=rngs)
 
   def features(self, z: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:

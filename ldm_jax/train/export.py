@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from ldm_jax import fs, outputs
-from ldm_jax.convert.autoencoder import save_autoencoder
+from ldm_jax.convert.autoencoder import compvis_unsupported, save_autoencoder
 from ldm_jax.convert.files import write_safetensors
 from ldm_jax.convert.torch_layout import export_state
 from ldm_jax.convert.unet import save_unet, to_compvis
@@ -77,6 +77,8 @@ def export_ldm_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: 
   check_export_target(workdir, out, fmt, outputs.LDM, overwrite)
   checkpoint.resolve_step(workdir, step)  # a missing step fails before anything is built
   run = build_run(config, workdir, check_training_data=False)
+  if fmt == "compvis" and (problem := compvis_unsupported(run.first_stage.spec)):
+    raise ValueError(f"the first stage cannot go into a CompVis checkpoint: {problem}")
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         abstract_state(config, run.spec, run.programs))
