@@ -1,7 +1,17 @@
-"""Samples from a trained LDM workdir, as one PNG grid.
+"""Samples from a trained LDM workdir or a Stable Diffusion pipeline, as one PNG grid.
 
   python -m ldm_jax.sample --workdir=DIR --num=16 --steps=50 --sampler=ddim \
       --guidance=5 [--class_id=N | --prompt="a photo of a cat"] --out=grid.png
+  python -m ldm_jax.sample --pipeline=SD_FOLDER_OR_FILE [--tokenizer=DIR] \
+      --prompt="a photo of a cat" [--negative_prompt=...] [--height=512 --width=512] \
+      [--image=photo.png [--strength=0.8] [--mask=mask.png]] [--init_noise=noise.npy]
+
+--pipeline reads a diffusers pipeline folder or an SD 1.x / 2.x single file (which needs
+--tokenizer) and samples it as ldm_jax.sd does: txt2img, img2img with --image (SDEdit;
+--strength in [0, 1]), inpainting with --image and --mask on an inpainting pipeline.
+Defaults follow diffusers: 50 DDIM steps, guidance 7.5, the UNet's trained size.
+--init_noise (an .npy of NHWC latent noise, one per image) reproduces another
+implementation's samples. The grid's PNG text holds the prompt and every setting.
 
 Concat-conditioned models take an image: `--image=low_res.png` for super-resolution (the
 output is cond.low_res_factor times its size), `--image=photo.png --mask=mask.png` for
@@ -21,24 +31,39 @@ from absl import app, flags, logging
 from ldm_jax.diffusion.samplers import SAMPLERS
 from ldm_jax.logs import console_logging
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The LDM training run's workdir.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The LDM training run's workdir "
+                                "(exclusive with --pipeline).")
+_PIPELINE = flags.DEFINE_string("pipeline", None, "A Stable Diffusion pipeline: a diffusers "
+                                "folder or a single .safetensors / .ckpt file.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "--pipeline: a CLIP tokenizer folder "
+                                 "(needed by single files; replaces a folder's).")
+_HEIGHT = flags.DEFINE_integer("height", None, "--pipeline: image height in pixels (default "
+                               "the UNet's trained size).", lower_bound=1)
+_WIDTH = flags.DEFINE_integer("width", None, "--pipeline: image width in pixels.",
+                              lower_bound=1)
+_STRENGTH = flags.DEFINE_float("strength", None, "--pipeline with --image: how much of the "
+                               "image is repainted, in [0, 1] (default 0.8; 1 with --mask).")
+_INIT_NOISE = flags.DEFINE_string("init_noise", None, "--pipeline: an .npy of the initial "
+                                  "latent noise, NHWC [num, H/8, W/8, 4].")
 _OUT = flags.DEFINE_string("out", "samples.png", "Where to write the grid (PNG).")
 _OVERWRITE = flags.DEFINE_boolean("overwrite", False,
                                   "Replace --out even when ldm_jax did not write it.")
 _NUM = flags.DEFINE_integer("num", 16, "How many images.", lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch", 16, "Images per compiled sampling call.", lower_bound=1)
-_STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: the config's).",
+_STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: the config's; 50 "
+                              "with --pipeline).",
                               lower_bound=1)
 _SAMPLER = flags.DEFINE_enum("sampler", None, list(SAMPLERS),
                              "Sampler (default: the config's).")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: the config's).")
-_GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale.")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default "
+                               "the config's; 7.5 with --pipeline).")
 _CLASS = flags.DEFINE_integer("class_id", None, "Class id for class-conditional models.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Caption for text-conditional models.")
 _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Used in place of the empty "
                                 "caption as the unconditional side of guidance.")
 _IMAGE = flags.DEFINE_string("image", None, "Super-resolution: the low-res image; inpainting: "
-                             "the image to repaint.")
+                             "the image to repaint; --pipeline: img2img's starting image.")
 _MASK = flags.DEFINE_string("mask", None, "Inpainting: a mask of the image's size, white "
                             "where the model repaints.")
 _TILE = flags.DEFINE_integer("tile", 0, "Decode in overlapping tiles of this many pixels "
@@ -52,7 +77,14 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the newest.
 _FIRST_STAGE = flags.DEFINE_string("first_stage", None,
                                    "The first stage's workdir or weights, when it moved "
                                    "since training (replaces config.first_stage.path).")
-flags.mark_flags_as_required(["workdir"])
+# Flags that only one of the two modes reads: naming one in the other mode is an error,
+# not a silent no-op.
+_WORKDIR_ONLY = (_CLASS, _STEP, _FIRST_STAGE)
+_PIPELINE_ONLY = (_TOKENIZER, _HEIGHT, _WIDTH, _STRENGTH, _INIT_NOISE)
+
+
+def _named(flag_list) -> list[str]:
+  return [f"--{f.name}" for f in flag_list if f.present]
 
 
 def main(argv):
@@ -61,6 +93,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console_logging()
+  if _PIPELINE.value is not None:
+    if _WORKDIR.value is not None:
+      raise SystemExit("error: --pipeline and --workdir are exclusive: sample either a "
+                       "Stable Diffusion pipeline or an LDM training run")
+    return _pipeline_main()
+  if _WORKDIR.value is None:
+    raise SystemExit("error: give --workdir (an LDM training run) or --pipeline (a Stable "
+                     "Diffusion folder or file)")
+  if _named(_PIPELINE_ONLY):
+    raise SystemExit(f"error: {', '.join(_named(_PIPELINE_ONLY))}: only with --pipeline")
   from ldm_jax.eval.workdir import is_ldm, load_run_config
   from ldm_jax.train import checkpoint
   from ldm_jax.train.images import check_grid_path
@@ -127,6 +169,165 @@ def main(argv):
                                      negative=neg)))
   save_grid(grid(np.concatenate(images)), out, overwrite=_OVERWRITE.value)
   logging.info("wrote %s", _OUT.value)
+
+
+def _pipeline_checks() -> dict:
+  """Every --pipeline flag checked, files read, nothing built: the settings to sample."""
+  from ldm_jax import fs, sd
+  from ldm_jax.diffusion.samplers import SAMPLERS
+  from ldm_jax.train.images import check_grid_path
+  from ldm_jax.train.sample_inputs import read_image
+
+  if _named(_WORKDIR_ONLY):
+    raise ValueError(f"{', '.join(_named(_WORKDIR_ONLY))}: only with --workdir")
+  if _PROMPT.value is None:
+    raise ValueError('--pipeline needs --prompt (--prompt="" samples without a caption)')
+  if not fs.exists(_PIPELINE.value):
+    raise ValueError(f"--pipeline={_PIPELINE.value}: no such folder or file")
+  if _TOKENIZER.value is not None and not fs.isdir(_TOKENIZER.value):
+    raise ValueError(f"--tokenizer={_TOKENIZER.value} is not a folder")
+  s = dict(pipeline=_PIPELINE.value, prompt=_PROMPT.value,
+           negative_prompt=_NEGATIVE.value, steps=_STEPS.value or 50,
+           sampler=_SAMPLER.value or "ddim",
+           guidance=7.5 if _GUIDANCE.value is None else _GUIDANCE.value,
+           eta=_ETA.value or 0.0, seed=_SEED.value, num=_NUM.value, batch=_BATCH.value,
+           height=_HEIGHT.value, width=_WIDTH.value, strength=None, image=_IMAGE.value,
+           mask=_MASK.value, init_noise=_INIT_NOISE.value, tile=_TILE.value)
+  if s["eta"] and s["sampler"] != "ddim":
+    raise ValueError(f"--eta applies to DDIM only; --sampler={s['sampler']} is "
+                     "deterministic")
+  assert s["sampler"] in SAMPLERS
+  out = check_grid_path(_OUT.value, overwrite=_OVERWRITE.value)
+  # SD's VAEs downsample 8x; the loaded pipeline's own factor is checked again below.
+  for name in ("height", "width"):
+    if s[name] is not None and s[name] % 8:
+      raise ValueError(f"--{name}={s[name]} must be a multiple of 8 (the VAE's factor)")
+  arrays = {}
+  if _MASK.value is not None and _IMAGE.value is None:
+    raise ValueError("--mask needs --image (the picture to repaint)")
+  if _IMAGE.value is None:
+    if _STRENGTH.value is not None:
+      raise ValueError("--strength applies to img2img: give --image too")
+  else:
+    if s["height"] or s["width"]:
+      raise ValueError("--height / --width do not apply with --image: the images have "
+                       "its size")
+    image = read_image(_IMAGE.value, "RGB") * 2.0 - 1.0
+    arrays["image"] = image[None]
+    default = 1.0 if _MASK.value is not None else 0.8
+    s["strength"] = default if _STRENGTH.value is None else _STRENGTH.value
+    sd.strength_start(s["steps"], s["strength"])  # the ValueError outside [0, 1]
+    if s["sampler"] != "ddim":
+      raise ValueError("img2img and inpainting start part-way along DDIM's timesteps: "
+                       f"use --sampler=ddim, not {s['sampler']}")
+    if _MASK.value is not None:
+      mask = read_image(_MASK.value, "L")
+      if mask.shape != image.shape[:2]:
+        raise ValueError(f"--mask is {mask.shape[1]}x{mask.shape[0]}; the image is "
+                         f"{image.shape[1]}x{image.shape[0]}")
+      arrays["mask"] = mask[None]
+  if _INIT_NOISE.value is not None:
+    import numpy as np
+    if not fs.isfile(_INIT_NOISE.value):
+      raise ValueError(f"--init_noise={_INIT_NOISE.value} not found")
+    try:
+      with fs.open(_INIT_NOISE.value, "rb") as f:
+        noise = np.load(f, allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"cannot read --init_noise={_INIT_NOISE.value} as .npy: {e}") from None
+    if noise.ndim != 4 or len(noise) != s["num"]:
+      raise ValueError(f"--init_noise holds shape {noise.shape}; it needs one NHWC latent "
+                       f"per image: [{s['num']}, H/8, W/8, channels]")
+    arrays["init_noise"] = noise.astype(np.float32)
+  if s["guidance"] < 0:
+    logging.warning("--guidance=%g is negative: samples are pushed away from the prompt",
+                    s["guidance"])
+  return {"settings": s, "arrays": arrays, "out": out}
+
+
+def _pipeline_main():
+  try:
+    checked = _pipeline_checks()
+  except ValueError as e:  # OutputError is one
+    raise SystemExit(f"error: {e}") from None
+  s, arrays, out = checked["settings"], checked["arrays"], checked["out"]
+
+  import jax
+  import numpy as np
+  import tqdm
+
+  from ldm_jax import sd
+  from ldm_jax.convert.pipeline import load_pipeline
+  from ldm_jax.train.ldm_trainer import grid
+
+  try:
+    pipe = load_pipeline(s["pipeline"], tokenizer=_TOKENIZER.value)
+    if "mask" in arrays and not pipe.is_inpaint:
+      raise ValueError(f"--mask needs an inpainting pipeline; {s['pipeline']} is "
+                       f"{pipe.variant} with a {pipe.unet.spec.in_channels}-channel UNet")
+    if pipe.is_inpaint and "mask" not in arrays:
+      raise ValueError(f"{s['pipeline']} is an inpainting pipeline: give --image and --mask")
+    f = pipe.vae_factor
+    if "image" in arrays:
+      size = arrays["image"].shape[1:3]
+    else:
+      size = sd.image_size(pipe, s["height"], s["width"])
+    if size[0] % f or size[1] % f:
+      raise ValueError(f"the images' size {size[1]}x{size[0]} must be a multiple of the "
+                       f"VAE's factor {f}")
+    if s["tile"] % f:
+      raise ValueError(f"--tile={s['tile']} must be a multiple of the VAE's factor {f}")
+    latent = (s["num"], size[0] // f, size[1] // f, pipe.latent_channels)
+    if "init_noise" in arrays and arrays["init_noise"].shape != latent:
+      raise ValueError(f"--init_noise holds shape {arrays['init_noise'].shape}; these "
+                       f"images need {latent}")
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}") from None
+
+  kind = "inpaint" if "mask" in arrays else "img2img" if "image" in arrays else "txt2img"
+  common = dict(negative_prompt=s["negative_prompt"], steps=s["steps"],
+                guidance=s["guidance"], eta=s["eta"], tile=s["tile"],
+                tile_overlap=_TILE_OVERLAP.value)
+  logging.info("%s: %d images of %dx%d, %s %d steps, guidance %.2f", kind, s["num"], size[1],
+               size[0], s["sampler"], s["steps"], s["guidance"])
+  images = []
+  starts = range(0, s["num"], s["batch"])
+  for i, start in enumerate(tqdm.tqdm(starts, desc="sampling", unit="batch")):
+    count = min(s["batch"], s["num"] - start)
+    noise = arrays.get("init_noise")
+    # Batch i draws from fold_in(key(seed), i): more batches never change earlier ones.
+    key = jax.random.fold_in(jax.random.key(s["seed"]), i)
+    args = dict(common, num=count, seed=key,
+                init_noise=None if noise is None else noise[start:start + count])
+    if kind == "txt2img":
+      batch = sd.txt2img(pipe, s["prompt"], height=size[0], width=size[1],
+                         sampler=s["sampler"], **args)
+    elif kind == "img2img":
+      batch = sd.img2img(pipe, arrays["image"], s["prompt"], s["strength"], **args)
+    else:
+      batch = sd.inpaint(pipe, arrays["image"], arrays["mask"], s["prompt"],
+                         strength=s["strength"], **args)
+    images.append(np.asarray(batch))
+  _write_grid(grid(np.concatenate(images)), out, s)
+  logging.info("wrote %s", _OUT.value)
+
+
+def _write_grid(image, path: str, settings: dict) -> None:
+  """save_grid's PNG (marked as an ldm_jax grid), its text chunk holding the prompt and
+  the settings (JSON) that made it, so a grid says how to sample it again."""
+  import json
+
+  from PIL import Image, PngImagePlugin
+
+  from ldm_jax import outputs
+  info = PngImagePlugin.PngInfo()
+  info.add_text(outputs.MARKER_KEY, outputs.SAMPLES)
+  info.add_text("prompt", settings["prompt"])
+  if settings["negative_prompt"] is not None:
+    info.add_text("negative_prompt", settings["negative_prompt"])
+  info.add_text("ldm_jax_settings", json.dumps(settings, sort_keys=True))
+  with outputs.atomic_path(path, outputs.SAMPLES, overwrite=_OVERWRITE.value) as tmp:
+    Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
 
 
 if __name__ == "__main__":
