@@ -25,7 +25,8 @@ import jax
 import numpy as np
 
 from ldm_jax.eval import fid as fid_lib
-from ldm_jax.eval.streaming import InceptionForward, image_batch
+from ldm_jax.eval.clip_score import clip_score
+from ldm_jax.eval.streaming import InceptionForward, MeanStd, image_batch
 
 SEED = 0
 IS_SPLITS = 10  # the usual number
@@ -39,10 +40,11 @@ def is_splits(count: int) -> int:
 
 @dataclasses.dataclass
 class Result:
-  metrics: dict[str, float]  # fid, is, is_std, num_examples
+  metrics: dict[str, float]  # fid, is, is_std, num_examples (+ clip_score, clip_score_std)
   sample_stats: fid_lib.FeatureStats
   real_stats: fid_lib.FeatureStats | None  # None when reference statistics were given
   logits: np.ndarray  # [n, 1008] bias-free logits of the samples, in batch order
+  clip_scores: np.ndarray | None = None  # [n] 100 * cos per sample (unclamped), batch order
 
 
 class GenerationEvaluator:
@@ -51,10 +53,12 @@ class GenerationEvaluator:
 
   def __init__(self, sample_fn: Callable[..., jax.Array], mesh, batch_sharding: Any,
                inception, reference: tuple[np.ndarray, np.ndarray] | None = None,
-               seed: int = SEED):
+               seed: int = SEED, clip_scorer=None):
     """`batch_sharding`: how a global batch lies on `mesh` (the real images are put there
-    for their Inception pass)."""
+    for their Inception pass). `clip_scorer`: an `eval.clip_score.CLIPScorer` (built on the
+    same mesh), or None for no CLIP score."""
     self.sample_fn = sample_fn
+    self.clip_scorer = clip_scorer
     self.seed = seed
     self.reference = reference
     self.sharding = batch_sharding
@@ -69,13 +73,18 @@ class GenerationEvaluator:
     fields `sample_fn` reads); one sample per real (mask True) example."""
     sample_stats = fid_lib.FeatureStats()
     real_stats = fid_lib.FeatureStats() if self.reference is None else None
-    logits = []
+    clip_stats = MeanStd() if self.clip_scorer is not None else None
+    logits, clip_values = [], []
     for i, batch in enumerate(batches):
       real, mask = image_batch(batch, self.sharding)
       images = self.sample_fn(state, batch, i, self.key(i), real.shape[0])
       out = self.inception(images)
       sample_stats.update(out["pool"], mask)
       logits.append(out["logits_unbiased"][mask])
+      if clip_stats is not None:
+        values = self.clip_scorer.scores(images, self._clip_ids(batch))
+        clip_stats.update(values, mask)
+        clip_values.append(values[mask])
       if real_stats is not None:
         real_stats.update(self.inception(real)["pool"], mask)
       if progress is not None:
@@ -89,4 +98,20 @@ class GenerationEvaluator:
     fid = fid_lib.fid_from_stats(
         sample_stats, self.reference if self.reference is not None else real_stats)
     metrics = {"num_examples": count, "fid": fid, "is": score, "is_std": score_std}
-    return Result(metrics, sample_stats, real_stats, logits)
+    clip_values = np.concatenate(clip_values) if clip_stats is not None else None
+    if clip_stats is not None:
+      # The std is over samples (as PSNR's is over images), of the unclamped values.
+      metrics.update(clip_score=clip_score(clip_stats), clip_score_std=clip_stats.std())
+    return Result(metrics, sample_stats, real_stats, logits, clip_values)
+
+  def _clip_ids(self, batch: dict):
+    """This host's captions as the CLIP tokenizer's ids, one global array over the batch."""
+    if "clip_tokens" in batch:
+      ids = np.asarray(batch["clip_tokens"], np.int32)
+    elif "caption" in batch:
+      ids = self.clip_scorer.tokenize(batch["caption"])
+    else:
+      raise ValueError("a CLIP score needs each example's caption: the evaluation batches "
+                       f"carry {sorted(batch)}, without a 'caption' (or 'clip_tokens') field; "
+                       "CLIP scores apply to text-conditioned runs")
+    return jax.make_array_from_process_local_data(self.sharding, ids)

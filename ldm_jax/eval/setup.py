@@ -7,6 +7,8 @@
     config.eval.num_examples       images `python -m ldm_jax.evaluate` scores (LDMs: samples,
                                    one per example); 0 = the whole split (training
                                    uses train.eval_examples)
+    config.eval.clip_model         transformers CLIPModel folder (eval.clip_score) for the
+                                   CLIP score of text-conditioned samples; "" = no CLIP score
 
 Runs saved before the block existed lack it; their configs get these defaults.
 """
@@ -18,7 +20,8 @@ import ml_collections
 from ldm_jax.eval import fid as fid_lib
 from ldm_jax.models.inception import make_inception
 
-DEFAULTS = {"inception_weights": "", "reference_stats": "", "num_examples": 0}
+DEFAULTS = {"inception_weights": "", "reference_stats": "", "num_examples": 0,
+            "clip_model": ""}
 
 
 def eval_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -45,3 +48,13 @@ def eval_networks(config: ml_collections.ConfigDict, required: bool = False):
   inception = make_inception(cfg.inception_weights)
   reference = fid_lib.load_stats(cfg.reference_stats) if cfg.reference_stats else None
   return inception, reference
+
+
+def eval_clip_scorer(config: ml_collections.ConfigDict, mesh=None):
+  """The CLIP scorer of `eval.clip_model` (replicated over `mesh`), or None when unset; a
+  configured folder that is missing or not a CLIP model is an error."""
+  cfg = eval_config(config)
+  if not cfg.clip_model:
+    return None
+  from ldm_jax.eval.clip_score import load_clip_scorer
+  return load_clip_scorer(cfg.clip_model, mesh)
