@@ -27,6 +27,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from ldm_jax.data.spec import DataSpec
 from ldm_jax.models.autoencoder import build_autoencoder
 from ldm_jax.models.lpips import make_lpips
 from ldm_jax.train import autoencoder_step as step_lib
@@ -148,7 +149,8 @@ def jax_autoencoder_step(config, images: np.ndarray) -> dict:
   """Compiles and times encode -> sample -> decode, L1, backward, Adam (the torch twin)."""
   spec, _ = build_programs(config)
   model_def, params, rest = nnx.split(build_autoencoder(spec, nnx.Rngs(0)), nnx.Param, ...)
-  tx = adam(config.optim, learning_rate(config.optim, int(config.data.batch_size)))
+  tx = adam(config.optim, learning_rate(config.optim,
+                                        DataSpec.from_config(config.data).batch_size))
 
   def step(params, opt_state, x, key):
     def loss_fn(p):
@@ -191,7 +193,8 @@ def torch_autoencoder_step(config, images: np.ndarray) -> dict | None:
   device = "cuda" if torch.cuda.is_available() else "cpu"
   model = model_cls(**kwargs).to(device).train()
   opt = torch.optim.Adam(model.parameters(),
-                         lr=learning_rate(config.optim, int(config.data.batch_size)),
+                         lr=learning_rate(config.optim,
+                                          DataSpec.from_config(config.data).batch_size),
                          betas=(float(config.optim.b1), float(config.optim.b2)))
   x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
   autocast = torch.autocast(device, dtype=torch.bfloat16,
@@ -239,7 +242,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = configure()
   device_kind = jax.devices()[0].device_kind
-  batch, size = int(config.data.batch_size), int(config.data.image_size)
+  data = DataSpec.from_config(config.data)
+  batch, size = data.batch_size, data.image_size
   accumulate = int(config.optim.accumulate_grad_batches)
   dtype = str(config.model.dtype)
   peak = peak_tflops(device_kind, dtype)

@@ -26,6 +26,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from ldm_jax.data import builtin
+from ldm_jax.data.spec import DataSpec
 from ldm_jax.losses.autoencoder import eq_vae_transform
 from ldm_jax.models.autoencoder import build_autoencoder
 from ldm_jax.train import autoencoder_step as step_lib
@@ -97,7 +98,8 @@ def main(_):
   config = _CONFIG.value
   config.optim.ema_decay = 0.0  # compare the trained weights themselves
   scales = tuple(float(s) for s in _SCALES.value)
-  size, batch = int(config.data.image_size), int(config.data.batch_size)
+  data = DataSpec.from_config(config.data)
+  size, batch = data.image_size, data.batch_size
   accumulate = int(config.optim.accumulate_grad_batches)
   spec, programs = build_programs(config)
   eq_config = config.copy_and_resolve_references()

@@ -45,7 +45,7 @@ def main(argv):
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         abstract_state(config, run.spec, run.programs))
   state, step = checkpoint.restore_state_only(_WORKDIR.value, target)
-  batch = next(eval_batches(config.data, config.data.val_split, batch_size=_NUM.value,
+  batch = next(eval_batches(run.data, run.data.val_split, batch_size=_NUM.value,
                             max_examples=_NUM.value, conditions=condition_spec(config)))
   keep = np.asarray(batch["mask"], bool)
   images = jnp.asarray(batch["image"])

@@ -27,6 +27,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from ldm_jax.data.spec import DataSpec
 from ldm_jax.diffusion import samplers
 from ldm_jax.train import ldm_step
 from ldm_jax.train.ldm_setup import build_model, build_programs
@@ -155,8 +156,9 @@ def main(argv):
     config.unet.dtype = _DTYPE.value
   config.first_stage.path = config.first_stage.path or "unused"
   spec, programs = build_programs(config, None)
-  batch = int(config.data.batch_size)
-  latent = int(config.data.image_size) // int(config.first_stage.downsample_factor)
+  data = DataSpec.from_config(config.data)
+  batch = data.batch_size
+  latent = data.image_size // int(config.first_stage.downsample_factor)
   device = jax.devices()[0]
   print(f"device: {device.platform} ({jax.device_count()} x {device.device_kind}, "
         f"{os.cpu_count()} CPUs)  jax {jax.__version__}")

@@ -159,6 +159,7 @@ def compile_autoencoder(config, layout, scan_micro_batches=True):
   from ldm_jax.train import autoencoder_step as step_lib
   from ldm_jax import mesh as mesh_lib
   from ldm_jax.train.autoencoder_setup import abstract_state, build_programs
+  from ldm_jax.data.spec import DataSpec
   lpips_def = lpips_abstract = None
   if config.loss.perceptual_weight > 0:
     lpips_def, lpips_abstract = nnx.split(nnx.eval_shape(
@@ -170,10 +171,11 @@ def compile_autoencoder(config, layout, scan_micro_batches=True):
   state = abstract_state(config, spec, programs)
   shardings = layout.state_shardings(state)
   mesh = layout.mesh
-  size = int(config.data.image_size)
+  data = DataSpec.from_config(config.data)
+  size = data.image_size
   accumulate = int(config.optim.accumulate_grad_batches)
   batch = {"image": jax.ShapeDtypeStruct(
-      (accumulate, int(config.data.batch_size), size, size, 3), jax.numpy.float32,
+      (accumulate, data.batch_size, size, size, 3), jax.numpy.float32,
       sharding=layout.batch_sharding(leading_dims=1))}
   lpips = (None if lpips_abstract is None else
            _abstract(lpips_abstract, jax.tree.map(lambda _: mesh_lib.replicated(mesh),
@@ -193,6 +195,7 @@ def compile_ldm(config, layout):
   from ldm_jax.train import ldm_step
   from ldm_jax import mesh as mesh_lib
   from ldm_jax.train.ldm_setup import abstract_state, build_programs
+  from ldm_jax.data.spec import DataSpec
   first = load_config(FIRST_STAGES[config.first_stage.kind])
   fs_def, fs_abstract = nnx.split(abstract_autoencoder(AutoencoderSpec.from_config(
       first.model)))
@@ -201,7 +204,8 @@ def compile_ldm(config, layout):
   state = abstract_state(config, spec, programs)
   shardings = layout.state_shardings(state)
   mesh = layout.mesh
-  b, size = int(config.data.batch_size), int(config.data.image_size)
+  data = DataSpec.from_config(config.data)
+  b, size = data.batch_size, data.image_size
   sharding = layout.batch_sharding()
   batch = {"image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=sharding)}
   if config.cond.kind == "text":
@@ -234,13 +238,14 @@ def run_one(name: str, mesh_name: str, mesh_config: dict, per_device_batch: int 
             hlo_dir: str | None, overrides=(), micro_batches: str = "scan") -> dict:
   import jax
 
+  from ldm_jax.data.spec import DataSpec
   from ldm_jax import mesh as mesh_lib
   config = load_config(*config_source(name))
   apply_overrides(config, overrides)
   if config.train.get("decoder_only") and not config.train.init_from:
     config.train.init_from = "unused"  # the state is abstract: no weights are read
   devices = jax.device_count()
-  per_device = per_device_batch or max(1, int(config.data.batch_size) // 8)
+  per_device = per_device_batch or max(1, DataSpec.from_config(config.data).batch_size // 8)
   config.data.batch_size = per_device * devices
   config.train.mesh = mesh_config
   layout = mesh_lib.Layout.from_config(config.train)

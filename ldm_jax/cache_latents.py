@@ -43,11 +43,13 @@ def main(argv):
   except OutputError as e:
     raise SystemExit(f"error: {e}") from None
   from ldm_jax.data.sources import check_data
+  from ldm_jax.data.spec import DataSpec
   from ldm_jax.train.first_stage import load_first_stage
   from ldm_jax.train import concat
   from ldm_jax.train.ldm_setup import condition_spec
 
-  check_data(config.data)
+  data = DataSpec.from_config(config.data)
+  check_data(data)
   conditions = condition_spec(config)
   model = load_first_stage(config.first_stage.path)
   spec = concat.ConcatSpec.from_config(config.cond)
@@ -57,9 +59,9 @@ def main(argv):
   derived = None
   if spec.kind == "low_res":
     derived = lambda x: {"low_res": concat.downsample(x, spec.low_res_factor)}
-  for split in _SPLITS.value or [config.data.split, config.data.val_split]:
-    count = latents.write_cache(model, config.data, split, out,
-                                batch_size=_BATCH.value or int(config.data.batch_size),
+  for split in _SPLITS.value or [data.split, data.val_split]:
+    count = latents.write_cache(model, data, split, out,
+                                batch_size=_BATCH.value or data.batch_size,
                                 conditions=conditions, max_examples=_MAX.value,
                                 derived=derived, overwrite=_OVERWRITE.value)
     logging.info("cached %d examples of split %r in %s", count, split, out)

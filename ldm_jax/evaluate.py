@@ -7,8 +7,9 @@ configured) as mean ± std over images, and rFID (when Inception weights are con
 An LDM run (config.json with stage "ldm"): draws one sample per example of the split,
 conditioned on that example's label or caption, with the EMA weights and the run's
 sampler, and reports FID against the split (or --reference_stats) and the Inception
-Score. Inception weights are required; --sampler, --steps and --guidance override the
-run's `sample` block.
+Score, and with --clip_model (text-conditioned runs) the CLIP score of each sample
+against its caption. Inception weights are required; --sampler, --steps and --guidance
+override the run's `sample` block.
 
 Writes `DIR/eval/step_NNNNNNN.json`, a markdown table beside it, and TensorBoard scalars
 under `eval/`. The run's saved config.json is used; flags override its `eval` block:
@@ -18,6 +19,7 @@ under `eval/`. The run's saved config.json is used; flags override its `eval` bl
   --num_examples=N --split=validation --batch_size=B
   --lpips_weights=lpips_vgg.safetensors           (first stage)
   --sampler=ddim --steps=50 --guidance=3          (LDM)
+  --clip_model=PATH                               (LDM, text: a transformers CLIPModel folder)
   --first_stage=PATH                              (LDM: its first stage moved)
   --tile=512 [--tile_overlap=0.25]                (encode / decode in overlapping tiles)
 """
@@ -49,6 +51,11 @@ _SAMPLER = flags.DEFINE_enum("sampler", None, list(SAMPLERS),
 _STEPS = flags.DEFINE_integer("steps", None, "LDM: sampler steps; default config.sample's.")
 _GUIDANCE = flags.DEFINE_float("guidance", None,
                                "LDM: classifier-free guidance scale; default config.sample's.")
+_CLIP_MODEL = flags.DEFINE_string("clip_model", None,
+                                  "LDM with text conditions: a transformers CLIPModel folder "
+                                  "(config.json, model.safetensors, tokenizer files in it or in "
+                                  "tokenizer/ beside it) for the CLIP score; default "
+                                  "config.eval.clip_model (\"\" = none).")
 _FIRST_STAGE = flags.DEFINE_string("first_stage", None,
                                    "LDM: the first stage's workdir or weights, when it moved "
                                    "since training (replaces config.first_stage.path).")
@@ -73,7 +80,7 @@ def main(argv):
         saved, num_examples=_NUM_EXAMPLES.value, split=_SPLIT.value, batch_size=_BATCH.value,
         inception_weights=_INCEPTION.value, reference_stats=_REFERENCE.value,
         lpips_weights=_LPIPS.value, sampler=_SAMPLER.value, steps=_STEPS.value,
-        guidance=_GUIDANCE.value)
+        guidance=_GUIDANCE.value, clip_model=_CLIP_MODEL.value)
     if is_ldm(config):
       from ldm_jax.train.ldm_eval import evaluate_ldm_workdir
       from ldm_jax.train.checkpoint import resolve_step

@@ -222,11 +222,12 @@ def test_the_pixel_limit_counts_what_jpeg_decodes():
 # --- pipeline --------------------------------------------------------------------------------
 
 def _config(**overrides):
+  from ldm_jax.data.spec import DataSpec
   config = dict(source="folder", path="", split="train", val_split="validation",
                 image_size=16, batch_size=1, random_crop=False, random_flip=False,
                 num_workers=0, seed=0)
   config.update(overrides)
-  return ml_collections.ConfigDict(config)
+  return DataSpec.from_config(ml_collections.ConfigDict(config))
 
 
 @pytest.fixture

@@ -12,16 +12,18 @@ from absl import flags
 from PIL import Image
 
 from ldm_jax.data import builtin, images, pipeline, sources
+from ldm_jax.data.spec import DataSpec
 
 flags.FLAGS.mark_as_parsed()  # grain reads absl flags, also in its worker processes
 
 
 def _config(**overrides):
+  """The DataSpec of a data block as a config file holds it (the later keys defaulted)."""
   config = dict(source="builtin", path="", split="train", val_split="validation",
                 image_size=32, batch_size=4, random_crop=True, random_flip=True,
                 num_workers=0, seed=0)
   config.update(overrides)
-  return ml_collections.ConfigDict(config)
+  return DataSpec.from_config(ml_collections.ConfigDict(config))
 
 
 def _digest(array):
@@ -296,6 +298,40 @@ def test_check_data_accepts_builtin():
 def test_check_data_errors(overrides, message):
   with pytest.raises(ValueError, match=message):
     sources.check_data(_config(**overrides), process_count=2)
+
+
+def test_data_spec_reads_the_block_once():
+  """Older configs get the later keys' defaults; unknown keys and bad values fail when the
+  spec is built, before any file is touched; replace() is checked the same way."""
+  import dataclasses
+
+  from ldm_jax import config_lib
+  spec = _config()  # a block without read_threads, val_fraction, image_key, ...
+  assert (spec.read_threads, spec.val_fraction, spec.image_key, spec.data_dir) == (
+      8, 0.05, "image", "")
+  assert spec.decode_limits() == dict(max_aspect_ratio=images.DEFAULT_MAX_ASPECT_RATIO,
+                                      max_image_pixels=images.DEFAULT_MAX_IMAGE_PIXELS)
+  # Every key of the configs' data block is a field, and nothing else is.
+  full = config_lib.autoencoder_config(kind="kl", embed_dim=4, z_channels=4, ch_mult=(1,),
+                                       batch_size=2, loss={}).data
+  assert set(full) == {f.name for f in dataclasses.fields(DataSpec)}
+  assert DataSpec.from_config(full).image_size == 256
+  assert _config(image_size=64.0, path=None).image_size == 64  # cast to the field's type
+  for overrides, message in (
+      (dict(extra=1), r"unknown config keys data\.\['extra'\]; valid: \["),
+      (dict(val_fraction=1.5), r"data.val_fraction must be in \(0, 1\)"),
+      (dict(num_workers=-1), "data.num_workers must be >= 0"),
+      (dict(image_size=0), "data.image_size must be positive"),
+      (dict(batch_size=0), r"data.batch_size=0 must be >= 1"),
+      (dict(image_size="big"), "data.image_size='big' must be of type int"),
+  ):
+    with pytest.raises(ValueError, match=message):
+      _config(**overrides)
+  with pytest.raises(ValueError, match=r"lacks keys \['seed'\]"):
+    DataSpec.from_config({k: v for k, v in dataclasses.asdict(spec).items() if k != "seed"})
+  assert dataclasses.replace(spec, split="validation").split == "validation"
+  with pytest.raises(ValueError, match="unknown data.source"):
+    dataclasses.replace(spec, source="imagenet")
 
 
 def test_check_data_folder_errors(tmp_path):

@@ -70,12 +70,13 @@ def test_evaluate_cli_writes_reports_matching_training(workdir, inception_file):
 def test_reference_stats_give_the_same_rfid(workdir, inception_file, tmp_path):
   """Statistics of the validation images from the reference-stats code replace the inputs'
   own: the same rFID as the CLI's report, which computed them in its pass."""
+  from ldm_jax.data.spec import DataSpec
   from ldm_jax.eval.reference import compute_reference_stats
   from ldm_jax.eval.workdir import apply_overrides, load_run_config
   from ldm_jax.train.autoencoder_eval import evaluate_autoencoder_workdir
   config = load_run_config(str(workdir))
   out = str(tmp_path / "val.npz")
-  assert compute_reference_stats(config.data, "validation", inception_file, out,
+  assert compute_reference_stats(DataSpec.from_config(config.data), "validation", inception_file, out,
                                  batch_size=4) == 12
   mu, sigma = fid.load_stats(out)
   assert mu.shape == (2048,) and sigma.shape == (2048, 2048)

@@ -140,6 +140,7 @@ def test_image_folder_and_latent_cache_on_gcs(gcs_bucket):
   from ldm_jax.data.conditions import ConditionSpec
   from ldm_jax.data.pipeline import eval_batches
   from ldm_jax.data.sources import check_data, make_source
+  from ldm_jax.data.spec import DataSpec
   from ldm_jax.models.autoencoder import AutoencoderSpec, build_autoencoder
   base = _unique(gcs_bucket, "data")
   rng = np.random.default_rng(0)
@@ -147,10 +148,10 @@ def test_image_folder_and_latent_cache_on_gcs(gcs_bucket):
     with fs.open(f"{base}/images/{('cat', 'dog')[i % 2]}/{i}.png", "wb") as f:
       Image.fromarray(rng.integers(0, 256, (40, 48, 3), np.uint8)).save(f, format="PNG")
   fs.write_text(f"{base}/images/cat/0.txt", "a cat")
-  config = ml_collections.ConfigDict(dict(
+  config = DataSpec.from_config(ml_collections.ConfigDict(dict(
       source="folder", path=f"{base}/images", split="train", val_split="validation",
       val_fraction=0.34, image_size=32, batch_size=2, random_crop=False, random_flip=False,
-      num_workers=0, seed=0))
+      num_workers=0, seed=0)))
   check_data(config)
   assert len(make_source(config, "train")) + len(make_source(config, "validation")) == 6
 

@@ -75,7 +75,7 @@ class FieldReader:
     if isinstance(record, dict):
       if self.spec.label_key not in record:
         raise KeyError(f"record has no {self.spec.label_key!r} field (has {sorted(record)}); "
-                       f"set data.label_key")
+                       f"set cond.label_key")
       return int(record[self.spec.label_key])
     if isinstance(record, (str, os.PathLike)) and self.folder_root is not None:
       sep = "/" if fs.is_remote(record) else os.sep
@@ -89,7 +89,7 @@ class FieldReader:
     if isinstance(record, dict):
       if self.spec.caption_key not in record:
         raise KeyError(f"record has no {self.spec.caption_key!r} field (has {sorted(record)}); "
-                       f"set data.caption_key")
+                       f"set cond.caption_key")
       text = record[self.spec.caption_key]
       return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
     if isinstance(record, (str, os.PathLike)):

@@ -28,6 +28,7 @@ from flax import serialization
 from ldm_jax import fs, outputs
 from ldm_jax.data.conditions import ConditionSpec
 from ldm_jax.data.pipeline import eval_batches
+from ldm_jax.data.spec import DataSpec
 from ldm_jax.models.distributions import DiagonalGaussian
 
 
@@ -59,7 +60,7 @@ def check_cache_dir(directory: str, *, overwrite: bool = False) -> None:
   outputs.check_target(directory, outputs.LATENT_CACHE, overwrite=overwrite)
 
 
-def write_cache(model, data_config, split: str, directory: str, *, batch_size: int,
+def write_cache(model, data: DataSpec, split: str, directory: str, *, batch_size: int,
                 conditions: ConditionSpec | None = None,
                 max_examples: int | None = None, derived=None,
                 overwrite: bool = False) -> int:
@@ -77,7 +78,7 @@ def write_cache(model, data_config, split: str, directory: str, *, batch_size: i
   with outputs.atomic_path(path, outputs.LATENT_CACHE) as tmp:
     writer = ArrayRecordWriter(str(tmp), "group_size:1")
     try:
-      for batch in eval_batches(data_config, split, batch_size=batch_size,
+      for batch in eval_batches(data, split, batch_size=batch_size,
                                 max_examples=max_examples, process_index=jax.process_index(),
                                 process_count=jax.process_count(), conditions=conditions):
         stats = jax.device_get(encode(batch["image"]))

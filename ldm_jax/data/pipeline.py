@@ -1,15 +1,8 @@
 """grain pipelines for first-stage training: an endless checkpointable stream and a finite eval pass.
 
-`config.data` keys read here (sources.py lists the ones that choose the data):
-  image_size    output side; the shorter side is resized to it, then cropped square
-  random_crop   train: random square crop (else center crop)
-  random_flip   train: horizontal flip with probability 1/2
-  num_workers   grain worker processes for the training stream (0: decode in threads of
-                the training process)
-  read_threads  threads that read and decode records ahead of use (default 8)
-  seed          picks the shuffle order and the augmentations
-  max_aspect_ratio, max_image_pixels
-                bounds on what is decoded (see sources.decode_limits)
+Both take a `spec.DataSpec` (the settings, read once from `config.data`); sources.py
+uses the fields that choose the data, this module image_size, random_crop, random_flip,
+num_workers, read_threads and the decoding bounds (max_aspect_ratio, max_image_pixels).
 
 Determinism: the shuffle order and each example's crop and flip are functions of the seed,
 the host and the example's position in the stream (grain's `shuffle` / `random_map`), so a
@@ -40,7 +33,8 @@ import numpy as np
 
 from ldm_jax.data import images, sources
 from ldm_jax.data.conditions import ConditionSpec, FieldReader
-from ldm_jax.data.sources import decode_limits, make_source
+from ldm_jax.data.sources import make_source
+from ldm_jax.data.spec import DataSpec
 
 _SKIPPED = "skipped"  # int32 [len(REASONS)]: records dropped before this one, by reason
 REASONS = images.SKIP_REASONS
@@ -249,8 +243,8 @@ def _local_batch(batch_size: int, hosts: grain.sharding.ShardOptions) -> int:
   return batch_size // hosts.shard_count
 
 
-def _read_options(data_config, local_batch: int) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=int(data_config.get("read_threads", 8)),
+def _read_options(data: DataSpec, local_batch: int) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=data.read_threads,
                            prefetch_buffer_size=max(2 * local_batch, 16))
 
 
@@ -260,7 +254,7 @@ def _reader(conditions: ConditionSpec | None, source) -> FieldReader | None:
   return FieldReader(conditions, source.folder_root)
 
 
-def train_iterator(data_config, *, global_batch_size: int, seed: int,
+def train_iterator(data: DataSpec, *, global_batch_size: int, seed: int,
                    process_index: int | None = None, process_count: int | None = None,
                    conditions: ConditionSpec | None = None) -> grain.DatasetIterator:
   """Endless shuffled batches {"image": float32 [b, S, S, 3]} of this host's shard, plus
@@ -275,33 +269,31 @@ def train_iterator(data_config, *, global_batch_size: int, seed: int,
   """
   hosts = _hosts(process_index, process_count)
   local_batch = _local_batch(global_batch_size, hosts)
-  source = make_source(data_config, data_config.split)
-  size = int(data_config.image_size)
+  source = make_source(data, data.split)
+  size = data.image_size
   ds = grain.MapDataset.source(source).map_with_index(
-      Decode(size, source.label, data_config.get("image_key", "image"),
-             _reader(conditions, source), decode_limits(data_config)))
+      Decode(size, source.label, data.image_key, _reader(conditions, source),
+             data.decode_limits()))
   ds = ds[hosts.shard_index::hosts.shard_count]
   if not len(ds):
     raise ValueError(f"{source.label} has no records for process {hosts.shard_index} of "
-                     f"{hosts.shard_count}; run check_data(config.data) first")
+                     f"{hosts.shard_count}; run sources.check_data first")
   shard_size = len(ds)
   shuffle_seed, augment_seed = np.random.SeedSequence(
       [seed, hosts.shard_index]).generate_state(2)
   ds = ds.shuffle(seed=int(shuffle_seed)).repeat()
-  ds = ds.random_map(Augment(size, bool(data_config.random_crop), bool(data_config.random_flip)),
-                     seed=int(augment_seed))
-  it = ds.to_iter_dataset(_read_options(data_config, local_batch), allow_nones=True)
+  ds = ds.random_map(Augment(size, data.random_crop, data.random_flip), seed=int(augment_seed))
+  it = ds.to_iter_dataset(_read_options(data, local_batch), allow_nones=True)
   # Any window of two epochs holds every record, so this many drops in a row means none
   # decodes.
   it = DropUndecodable(it, limit=2 * shard_size + 1)
   it = it.batch(local_batch, drop_remainder=True)
-  workers = int(data_config.get("num_workers", 0))
-  if workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  if data.num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
   return iter(it.map(CountSkipped()))
 
 
-def eval_batches(data_config, split: str, *, batch_size: int, max_examples: int | None = None,
+def eval_batches(data: DataSpec, split: str, *, batch_size: int, max_examples: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  conditions: ConditionSpec | None = None) -> Iterator[dict]:
   """One deterministic pass over the first `max_examples` records of `split` (all if None).
@@ -316,22 +308,21 @@ def eval_batches(data_config, split: str, *, batch_size: int, max_examples: int 
   """
   hosts = _hosts(process_index, process_count)
   local_batch = _local_batch(batch_size, hosts)
-  source = make_source(data_config, split)
-  size = int(data_config.image_size)
+  source = make_source(data, split)
+  size = data.image_size
   total = len(source) if max_examples is None else min(len(source), int(max_examples))
   if not total:
     return iter(())
   reader = _reader(conditions, source)
   ds = grain.MapDataset.source(source).map_with_index(
-      DecodeOrBlank(size, source.label, data_config.get("image_key", "image"), reader,
-                    decode_limits(data_config)))
+      DecodeOrBlank(size, source.label, data.image_key, reader, data.decode_limits()))
   ds = ds[:total][hosts.shard_index::hosts.shard_count]
   per_host = -(-total // hosts.shard_count)
   padding = -(-per_host // local_batch) * local_batch - len(ds)
   if padding:
     pad = grain.MapDataset.range(padding).map(functools.partial(_blank_for, size, reader))
     ds = grain.MapDataset.concatenate([ds, pad]) if len(ds) else pad
-  it = ds.to_iter_dataset(_read_options(data_config, local_batch))
+  it = ds.to_iter_dataset(_read_options(data, local_batch))
   return iter(it.batch(local_batch).map(CountSkipped()))
 
 

@@ -1,27 +1,13 @@
-"""Where the images come from: one random-access source per (config, split), and the check.
+"""Where the images come from: one random-access source per (DataSpec, split), and the check.
 
-`config.data` keys read here (the pipeline reads the rest, see pipeline.py):
-  source        "builtin" | "folder" | "arrayrecord" | "tfds"
-  path          folder: a directory of images; arrayrecord: a file or glob of ArrayRecord
-                files, "{split}" replaced by the split name; tfds: the dataset name
-                ("imagenet2012", "my_set/config:1.0.0"); builtin: unused
-  split         training split name ("train")
-  val_split     held-out split name ("validation")
-  val_fraction  share of the data held out as `val_split` when the data has no such split
-                of its own (folder without a `val_split` subfolder, ArrayRecord path
-                without "{split}"); default 0.05, at least one record
-  data_dir      tfds: the TFDS data directory holding the prepared dataset
-  image_key     tfds: the feature holding the image (default "image")
-  batch_size    global batch size, only checked here
-  max_aspect_ratio  images whose longer side exceeds this many times the shorter are
-                skipped, before decoding (default 4; see images.DEFAULT_MAX_ASPECT_RATIO)
-  max_image_pixels  images with more pixels to decode (after JPEG's reduced-scale decoding)
-                are skipped (default 89,478,485, PIL's MAX_IMAGE_PIXELS); above twice PIL's
-                own limit PIL refuses the file whatever this says
+The settings are a `spec.DataSpec` (built once from `config.data` at the top of a run);
+this module uses source, path, split, val_split, val_fraction, data_dir, image_key and
+the decoding bounds, and `check_data` checks batch_size against the number of hosts.
 
 Sources return records undecoded (file paths, encoded bytes, arrays or TFDS dicts): the
 pipeline decodes them, so a broken file is skipped there instead of failing a run here.
-Everything that is wrong with the data config fails in `check_data`, before compilation.
+Everything that is wrong with the data itself fails in `check_data`, before compilation
+(what is wrong with the values alone already failed in `DataSpec`).
 An image folder's files with other extensions are counted (`ignored_files`) and logged
 once per folder; a `.txt` caption beside an image is expected and not counted.
 """
@@ -38,10 +24,9 @@ from typing import Any, Sequence
 
 from ldm_jax import fs
 from ldm_jax.data import builtin, images
+from ldm_jax.data.spec import SOURCES, DataSpec  # noqa: F401 (SOURCES: the old home)
 
-SOURCES = ("builtin", "folder", "arrayrecord", "tfds")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-DEFAULT_VAL_FRACTION = 0.05
 _PROBE_RECORDS = 16
 
 
@@ -67,31 +52,20 @@ class Source:
     return f"Source({self.label}, {len(self)} records)"
 
 
-def make_source(data_config, split: str) -> Source:
-  """The records of `split` for `data_config.source`; raises ValueError with the fix."""
-  kind = data_config.source
-  if kind == "builtin":
-    return _builtin(data_config, split)
-  if kind == "folder":
-    return _folder(data_config, split)
-  if kind == "arrayrecord":
-    return _arrayrecord(data_config, split)
-  if kind == "tfds":
-    return _tfds(data_config, split)
-  raise ValueError(f"unknown data.source {kind!r}; choose one of {', '.join(SOURCES)} "
-                   f"(--config.data.source=folder --config.data.path=/dir/of/images)")
+def make_source(data: DataSpec, split: str) -> Source:
+  """The records of `split` for `data.source`; raises ValueError with the fix."""
+  if not isinstance(data, DataSpec):
+    # A ConfigDict has the same attribute names, so without this it would fail far from
+    # here (or, for a block lacking later keys, silently differ); every data function
+    # comes through this one.
+    raise TypeError(f"the data functions take a DataSpec, got {type(data).__name__}: pass "
+                    f"ldm_jax.data.spec.DataSpec.from_config(config.data)")
+  # DataSpec only admits SOURCES, so this lookup cannot miss.
+  return _MAKERS[data.source](data, split)
 
 
-def decode_limits(data_config) -> dict:
-  """The `images.decode_resized` bounds from `data_config` (defaults for older configs)."""
-  return dict(max_aspect_ratio=float(data_config.get("max_aspect_ratio",
-                                                     images.DEFAULT_MAX_ASPECT_RATIO)),
-              max_image_pixels=int(data_config.get("max_image_pixels",
-                                                   images.DEFAULT_MAX_IMAGE_PIXELS)))
-
-
-def check_data(data_config, *, process_count: int | None = None) -> None:
-  """Fails fast, with what is wrong and how to fix it, on a data config that cannot train.
+def check_data(data: DataSpec, *, process_count: int | None = None) -> None:
+  """Fails fast, with what is wrong and how to fix it, on data that cannot train.
 
   Both splits must exist and be non-empty, every host needs at least one training record,
   and among the first training records at least one must decode as an image (a single
@@ -100,48 +74,33 @@ def check_data(data_config, *, process_count: int | None = None) -> None:
   if process_count is None:
     import jax
     process_count = jax.process_count()
-  if data_config.source not in SOURCES:
-    make_source(data_config, data_config.split)  # raises the unknown-source error
-  if int(data_config.image_size) <= 0:
-    raise ValueError(f"data.image_size must be positive, got {data_config.image_size}")
-  if int(data_config.get("num_workers", 0)) < 0:
-    raise ValueError(f"data.num_workers must be >= 0, got {data_config.num_workers}")
-  limits = decode_limits(data_config)
-  if not limits["max_aspect_ratio"] >= 1.0:
-    raise ValueError(f"data.max_aspect_ratio must be >= 1 (longer side / shorter side), got "
-                     f"{limits['max_aspect_ratio']}")
-  if limits["max_image_pixels"] < 1:
-    raise ValueError(f"data.max_image_pixels must be positive, got {limits['max_image_pixels']}")
-  batch_size = int(data_config.batch_size)
-  if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(f"data.batch_size={batch_size} must be a positive multiple of the "
+  if data.batch_size % process_count:
+    raise ValueError(f"data.batch_size={data.batch_size} must be a positive multiple of the "
                      f"number of processes ({process_count})")
-  splits = {split: make_source(data_config, split)
-            for split in (data_config.split, data_config.val_split)}
+  splits = {split: make_source(data, split) for split in (data.split, data.val_split)}
   for split, source in splits.items():
     if not len(source):
       raise ValueError(f"split {split!r} of {source.label} is empty; point data.path at "
                        f"data that has it, or set data.split / data.val_split")
-  train = splits[data_config.split]
+  train = splits[data.split]
   if len(train) < process_count:
     raise ValueError(f"{train.label} has {len(train)} training records for {process_count} "
                      f"processes: every process needs at least one; use more data")
-  if batch_size > len(train):
+  if data.batch_size > len(train):
     logging.warning("data.batch_size=%d exceeds the %d training records of %s: batches "
-                    "span epochs, so each batch repeats images", batch_size, len(train),
+                    "span epochs, so each batch repeats images", data.batch_size, len(train),
                     train.label)
-  _probe(train, data_config)
-  logging.info("data: %s with %s", data_config.source,
+  _probe(train, data)
+  logging.info("data: %s with %s", data.source,
                ", ".join(f"{k}={len(v)} records" for k, v in splits.items()))
 
 
-def _probe(source: Source, data_config) -> None:
+def _probe(source: Source, data: DataSpec) -> None:
   """At least one of the first records decodes, else the path does not hold images."""
   errors = []
   for index in range(min(len(source), _PROBE_RECORDS)):
     try:
-      images.decode_resized(source[index], 8, data_config.get("image_key", "image"),
-                            **decode_limits(data_config))
+      images.decode_resized(source[index], 8, data.image_key, **data.decode_limits())
       return
     except Exception as e:  # pylint: disable=broad-except
       errors.append(f"{type(e).__name__}: {e}")
@@ -149,23 +108,16 @@ def _probe(source: Source, data_config) -> None:
                    f"image (first error: {errors[0]}); does data.path hold images?")
 
 
-def _val_fraction(data_config) -> float:
-  fraction = float(data_config.get("val_fraction", DEFAULT_VAL_FRACTION))
-  if not 0.0 < fraction < 1.0:
-    raise ValueError(f"data.val_fraction must be in (0, 1), got {fraction}")
-  return fraction
+def _unknown_split(split: str, data: DataSpec, label: str) -> ValueError:
+  return ValueError(f"{label} has no split {split!r}: use data.split={data.split!r} or "
+                    f"data.val_split={data.val_split!r}")
 
 
-def _unknown_split(split: str, data_config, label: str) -> ValueError:
-  return ValueError(f"{label} has no split {split!r}: use data.split={data_config.split!r} or "
-                    f"data.val_split={data_config.val_split!r}")
-
-
-def _builtin(data_config, split: str) -> Source:
-  names = {data_config.split: "train", data_config.val_split: "validation",
+def _builtin(data: DataSpec, split: str) -> Source:
+  names = {data.split: "train", data.val_split: "validation",
            "train": "train", "validation": "validation"}
   if split not in names:
-    raise _unknown_split(split, data_config, "the builtin source")
+    raise _unknown_split(split, data, "the builtin source")
   return Source(builtin.BuiltinSource(names[split]), f"builtin:{names[split]}")
 
 
@@ -239,9 +191,9 @@ def held_out(keys: Sequence[str], fraction: float) -> frozenset[str]:
   return frozenset(sorted(keys, key=lambda k: hashlib.md5(k.encode()).hexdigest())[:count])
 
 
-def _folder(data_config, split: str) -> Source:
+def _folder(data: DataSpec, split: str) -> Source:
   """`path/<split>/` when it exists, else a hash-chosen share of the training images."""
-  root = str(data_config.path or "")
+  root = data.path
   root = root if fs.is_remote(root) else os.path.expanduser(root)
   if not root:
     raise ValueError("data.source='folder' needs data.path: set --config.data.path=/dir/of/images")
@@ -251,18 +203,18 @@ def _folder(data_config, split: str) -> Source:
   own = fs.join(root, split)
   if fs.isdir(own):
     return Source(_nonempty(own), f"folder {own!r}", folder_root=own)
-  if split not in (data_config.split, data_config.val_split):
-    raise _unknown_split(split, data_config, f"folder {root!r}")
-  train_root = fs.join(root, data_config.split)
+  if split not in (data.split, data.val_split):
+    raise _unknown_split(split, data, f"folder {root!r}")
+  train_root = fs.join(root, data.split)
   base = train_root if fs.isdir(train_root) else root
   files = _nonempty(base)
-  val_root = fs.join(root, data_config.val_split)
+  val_root = fs.join(root, data.val_split)
   if fs.isdir(val_root):  # here split is the training split: all but the val folder
     sep = "/" if fs.is_remote(val_root) else os.sep
     return Source(tuple(f for f in files if not f.startswith(val_root + sep)),
                   f"folder {base!r}", folder_root=base)
-  val = held_out([fs.relpath(f, base) for f in files], _val_fraction(data_config))
-  want_val = split == data_config.val_split
+  val = held_out([fs.relpath(f, base) for f in files], data.val_fraction)
+  want_val = split == data.val_split
   return Source(tuple(f for f in files if (fs.relpath(f, base) in val) == want_val),
                 f"{'held-out' if want_val else 'remaining'} share of folder {base!r}",
                 folder_root=base)
@@ -277,15 +229,15 @@ def _nonempty(root: str) -> tuple[str, ...]:
   return files
 
 
-def _arrayrecord(data_config, split: str) -> Source:
+def _arrayrecord(data: DataSpec, split: str) -> Source:
   import grain
-  pattern = str(data_config.path or "")
+  pattern = data.path
   if not pattern:
     raise ValueError("data.source='arrayrecord' needs data.path: a file or glob of ArrayRecord "
                      "files, e.g. --config.data.path='/data/images-{split}-*.array_record'")
   has_split = "{split}" in pattern
-  if not has_split and split not in (data_config.split, data_config.val_split):
-    raise _unknown_split(split, data_config, f"ArrayRecord files {pattern!r}")
+  if not has_split and split not in (data.split, data.val_split):
+    raise _unknown_split(split, data, f"ArrayRecord files {pattern!r}")
   resolved = pattern.replace("{split}", split)
   paths = _glob(resolved)
   if not paths:
@@ -297,12 +249,12 @@ def _arrayrecord(data_config, split: str) -> Source:
     return Source(records, label)
   # One set of files for both splits: every k-th record is held out (k = 1 / val_fraction).
   import numpy as np
-  step = max(2, round(1.0 / _val_fraction(data_config)))
+  step = max(2, round(1.0 / data.val_fraction))
   positions = np.arange(len(records))
   is_val = positions % step == step - 1
   if not is_val.any():
     is_val[-1] = True
-  want_val = split == data_config.val_split
+  want_val = split == data.val_split
   return Source(records, f"{'held-out' if want_val else 'remaining'} share of {label}",
                 positions[is_val == want_val])
 
@@ -312,7 +264,7 @@ def _glob(pattern: str) -> list[str]:
   return fs.glob(pattern)
 
 
-def _tfds(data_config, split: str) -> Source:
+def _tfds(data: DataSpec, split: str) -> Source:
   """A prepared TFDS dataset in array_record format, read without TensorFlow.
 
   The builder is only asked whether the data is on disk: `tfds.data_source` with
@@ -320,8 +272,8 @@ def _tfds(data_config, split: str) -> Source:
   with an unhelpful download error.
   """
   import tensorflow_datasets as tfds
-  name = str(data_config.path or "")
-  data_dir = data_config.get("data_dir") or None
+  name = data.path
+  data_dir = data.data_dir or None
   where = f"data_dir={data_dir!r}" if data_dir else "the default TFDS data_dir"
   how = (f"prepare it on a machine with network access (`tfds build {name or 'NAME'} "
          f"--file_format=array_record --data_dir=DIR`; manual-download datasets such as "
@@ -346,10 +298,14 @@ def _tfds(data_config, split: str) -> Source:
   except (KeyError, ValueError) as e:
     raise ValueError(f"TFDS dataset {name!r} has splits {sorted(builder.info.splits)}, not "
                      f"{split!r}; set data.split / data.val_split") from e
-  image_key = data_config.get("image_key", "image")
+  image_key = data.image_key
   if image_key not in builder.info.features:
     raise ValueError(f"TFDS dataset {name!r} has features {sorted(builder.info.features)}, no "
                      f"{image_key!r}; set data.image_key to the image feature")
   records = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                              decoders={image_key: tfds.decode.SkipDecoding()})
   return Source(records, f"tfds:{name}/{split}")
+
+
+# data.source -> the function making its Source (spec.SOURCES names the same keys).
+_MAKERS = {"builtin": _builtin, "folder": _folder, "arrayrecord": _arrayrecord, "tfds": _tfds}

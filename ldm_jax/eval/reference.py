@@ -5,11 +5,12 @@ from __future__ import annotations
 from absl import logging
 
 
-def compute_reference_stats(data_config, split: str, inception_weights: str, out: str,
+def compute_reference_stats(data, split: str, inception_weights: str, out: str,
                             *, batch_size: int, num_examples: int = 0,
                             overwrite: bool = False) -> int:
-  """Writes the split's (mu, sigma) to `out`; returns the number of images used. A file
-  at `out` that ldm_jax did not write as statistics is refused unless `overwrite`."""
+  """Writes the (mu, sigma) of `split` of `data` (a data.spec.DataSpec) to `out`; returns
+  the number of images used. A file at `out` that ldm_jax did not write as statistics is
+  refused unless `overwrite`."""
   import jax
   import tqdm
 
@@ -27,12 +28,12 @@ def compute_reference_stats(data_config, split: str, inception_weights: str, out
   inception = make_inception(inception_weights)
   mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1})
   mesh_lib.check_batch(batch_size, mesh)
-  total = num_images(data_config, split, num_examples or None)
+  total = num_images(data, split, num_examples or None)
   bar = tqdm.tqdm(total=total, unit="img", desc="reference stats",
                   disable=jax.process_index() > 0)
   with bar:
     stats = feature_stats(inception, mesh_lib.batch_sharding(mesh), eval_batches(
-        data_config, split, batch_size=batch_size, max_examples=num_examples or None),
+        data, split, batch_size=batch_size, max_examples=num_examples or None),
         progress=bar.update)
   if jax.process_index() == 0:
     fid_lib.save_stats(out, stats.mean(), stats.covariance(), overwrite=overwrite,

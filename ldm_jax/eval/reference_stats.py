@@ -41,6 +41,7 @@ def main(argv):
   console_logging()
   if (_CONFIG.value is None) == (_WORKDIR.value is None):
     raise app.UsageError("give exactly one of --config or --workdir")
+  from ldm_jax.data.spec import DataSpec
   from ldm_jax.eval.setup import eval_config
   try:
     if _WORKDIR.value:
@@ -49,10 +50,10 @@ def main(argv):
     else:
       config = _CONFIG.value
     weights = _INCEPTION.value or eval_config(config).inception_weights
-    compute_reference_stats(config.data, _SPLIT.value or config.data.val_split, weights,
-                            os.fspath(_OUT.value), batch_size=_BATCH.value or
-                            int(config.data.batch_size), num_examples=_NUM_EXAMPLES.value,
-                            overwrite=_OVERWRITE.value)
+    data = DataSpec.from_config(config.data)
+    compute_reference_stats(data, _SPLIT.value or data.val_split, weights,
+                            os.fspath(_OUT.value), batch_size=_BATCH.value or data.batch_size,
+                            num_examples=_NUM_EXAMPLES.value, overwrite=_OVERWRITE.value)
   except (FileNotFoundError, ValueError) as e:  # missing files, bad config: no traceback
     raise SystemExit(f"error: {e}") from None
 

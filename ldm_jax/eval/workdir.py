@@ -16,9 +16,9 @@ from absl import logging
 
 from ldm_jax import fs
 
-ORDER = ("fid", "is", "rfid", "psnr", "ssim", "lpips")
-LABELS = {"fid": "FID ↓", "is": "IS ↑", "rfid": "rFID ↓", "psnr": "PSNR (dB) ↑",
-          "ssim": "SSIM ↑", "lpips": "LPIPS ↓"}
+ORDER = ("fid", "is", "clip_score", "rfid", "psnr", "ssim", "lpips")
+LABELS = {"fid": "FID ↓", "is": "IS ↑", "clip_score": "CLIP score ↑", "rfid": "rFID ↓",
+          "psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓"}
 
 
 def load_run_config(workdir: str, first_stage: str | None = None):
@@ -46,11 +46,12 @@ def is_ldm(config) -> bool:
 
 def apply_overrides(config, *, num_examples=None, split=None, batch_size=None,
                     inception_weights=None, reference_stats=None, lpips_weights=None,
-                    sampler=None, steps=None, guidance=None):
+                    sampler=None, steps=None, guidance=None, clip_model=None):
   """The run's config with evaluation choices replaced (None keeps the saved value).
 
-  `lpips_weights` applies to first-stage runs, `sampler`, `steps` and `guidance`
-  (config.sample.*) to LDM runs; given for the other kind they are an error.
+  `lpips_weights` applies to first-stage runs, `sampler`, `steps`, `guidance`
+  (config.sample.*) and `clip_model` to LDM runs; given for the other kind they are an
+  error ("" for clip_model turns a saved one off).
   """
   from ldm_jax.eval.setup import eval_config
   config = config.copy_and_resolve_references()
@@ -64,6 +65,11 @@ def apply_overrides(config, *, num_examples=None, split=None, batch_size=None,
   if batch_size is not None:
     config.data.batch_size = batch_size
   sample = {"sampler": sampler, "steps": steps, "guidance_scale": guidance}
+  if clip_model is not None:
+    if not is_ldm(config) and clip_model:
+      raise ValueError("clip_model scores LDM samples against their captions; this is a "
+                       "first-stage run")
+    config.eval.clip_model = fs.absolute(clip_model) if clip_model else ""
   if is_ldm(config):
     if lpips_weights is not None:
       raise ValueError("lpips_weights scores autoencoder reconstructions; an LDM run is "
@@ -81,10 +87,11 @@ def apply_overrides(config, *, num_examples=None, split=None, batch_size=None,
   return config
 
 
-def num_images(data_config, split: str, limit: int | None) -> int:
-  """How many records of `split` an evaluation of at most `limit` (None = all) reads."""
+def num_images(data, split: str, limit: int | None) -> int:
+  """How many records of `split` of `data` (a data.spec.DataSpec) an evaluation of at
+  most `limit` (None = all) reads."""
   from ldm_jax.data.sources import make_source
-  total = len(make_source(data_config, split))
+  total = len(make_source(data, split))
   return min(total, limit) if limit else total
 
 
@@ -96,6 +103,7 @@ def make_report(step: int, split: str, metrics: dict, has_ema: bool, config, **e
       "weights": "ema" if has_ema else "trained", **extra,
       "inception_weights": config.eval.inception_weights,
       "reference_stats": config.eval.reference_stats,
+      **({"clip_model": config.eval.clip_model} if "clip_score" in metrics else {}),
       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from absl import logging
 
 from ldm_jax import mesh as mesh_lib
+from ldm_jax.data.spec import DataSpec
 from ldm_jax.eval.reconstruction import ReconstructionEvaluator, summary_line
 from ldm_jax.eval.setup import eval_networks
 from ldm_jax.eval.workdir import check_reports, make_report, num_images, publish
@@ -30,12 +31,13 @@ def evaluate_autoencoder_workdir(workdir: str, config, step: int | None = None, 
   step = checkpoint.resolve_step(workdir, step)
   check_reports(workdir, step)  # both fail before anything is built
   spec, programs = build_programs(config)
+  data = DataSpec.from_config(config.data)
   if tile and tile % spec.downsample_factor:
     raise ValueError(f"--tile={tile} must be a multiple of the model's downsampling factor "
                      f"{spec.downsample_factor}")
   layout = mesh_lib.Layout.from_config(config.train)
   mesh = layout.mesh
-  batch_size = int(config.data.batch_size)
+  batch_size = data.batch_size
   mesh_lib.check_batch(batch_size, mesh)
   inception, reference = eval_networks(config)
   lpips_model = make_lpips(config.loss.lpips_weights) if config.loss.lpips_weights else None
@@ -44,9 +46,9 @@ def evaluate_autoencoder_workdir(workdir: str, config, step: int | None = None, 
                                               layout.state_shardings(abstract))
   state, step = checkpoint.restore_state_only(workdir, target, step)
 
-  split = config.data.val_split
+  split = data.val_split
   limit = int(config.eval.num_examples) or None
-  total = num_images(config.data, split, limit)
+  total = num_images(data, split, limit)
   logging.info("evaluating step %d on %d images of %r (rFID: %s, LPIPS: %s)", step, total,
                split, "yes" if inception is not None else "no (no Inception weights)",
                "yes" if lpips_model is not None else "no (no LPIPS weights)")
@@ -57,7 +59,7 @@ def evaluate_autoencoder_workdir(workdir: str, config, step: int | None = None, 
   bar = tqdm.tqdm(total=total, unit="img", desc="evaluate",
                   disable=jax.process_index() > 0)
   with bar:
-    out = evaluator.evaluate(state, eval_batches(config.data, split, batch_size=batch_size,
+    out = evaluator.evaluate(state, eval_batches(data, split, batch_size=batch_size,
                                                  max_examples=limit),
                              grid=False, progress=bar.update)
   metrics = out.metrics

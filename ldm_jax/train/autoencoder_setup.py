@@ -10,6 +10,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from ldm_jax.data.spec import DataSpec
 from ldm_jax.eval.setup import DEFAULTS as EVAL_DEFAULTS, eval_config
 from ldm_jax.losses.autoencoder import LossConfig, check_eq_vae_sizes
 from ldm_jax.models.autoencoder import AutoencoderSpec, abstract_autoencoder
@@ -38,14 +39,12 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[AutoencoderSpec, Lo
   eval_config(config)  # its values
   spec = AutoencoderSpec.from_config(config.model)
   loss = LossConfig.from_config(config.loss)
-  if config.data.image_size % spec.downsample_factor:
-    raise ValueError(f"data.image_size={config.data.image_size} is not divisible by the "
+  data = DataSpec.from_config(config.data)  # its keys and values (batch_size >= 1, ...)
+  if data.image_size % spec.downsample_factor:
+    raise ValueError(f"data.image_size={data.image_size} is not divisible by the "
                      f"model's downsampling factor {spec.downsample_factor}")
   # EQ-VAE's downscaled latents and images need whole sizes the losses can take.
-  check_eq_vae_sizes(loss, int(config.data.image_size), spec.downsample_factor)
-  if config.data.batch_size < 1:
-    raise ValueError(f"data.batch_size={config.data.batch_size} must be >= 1 (it is the global "
-                     "batch over all hosts and devices)")
+  check_eq_vae_sizes(loss, data.image_size, spec.downsample_factor)
   loop.LoopSpec.from_config(config.train)
   if config.optim.accumulate_grad_batches < 1:
     raise ValueError("optim.accumulate_grad_batches must be >= 1")
@@ -67,7 +66,7 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[AutoencoderSpec, Lo
 def build_programs(config: ml_collections.ConfigDict, lpips_def=None):
   """The model spec and the step's static programs (no weights, no data)."""
   spec, loss = check_config(config)
-  lr = learning_rate(config.optim, int(config.data.batch_size))
+  lr = learning_rate(config.optim, DataSpec.from_config(config.data).batch_size)
   programs = step_lib.make_programs(
       spec, loss, adam(config.optim, lr), adam(config.optim, lr),
       float(config.optim.ema_decay), bool(config.train.decoder_only), lpips_def)

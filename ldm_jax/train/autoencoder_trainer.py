@@ -27,6 +27,7 @@ from ldm_jax.convert.files import WeightFileError
 from ldm_jax.convert.torch_layout import StateMismatchError
 from ldm_jax.data.pipeline import eval_batches, train_iterator
 from ldm_jax.data.sources import check_data
+from ldm_jax.data.spec import DataSpec
 from ldm_jax.eval.reconstruction import ReconstructionEvaluator, summary_line
 from ldm_jax.eval.setup import eval_networks
 from ldm_jax.losses.autoencoder import LossConfig
@@ -45,6 +46,7 @@ class Run:
 
   config: ml_collections.ConfigDict
   workdir: str
+  data: DataSpec  # config.data, read once here; the data functions take this
   spec: AutoencoderSpec
   loss: LossConfig
   layout: mesh_lib.Layout  # the mesh and the sharding rules (train.mesh, train.sharding_rules)
@@ -63,10 +65,11 @@ class Run:
 
 def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   spec, loss = check_config(config)
+  data = DataSpec.from_config(config.data)
   layout = mesh_lib.Layout.from_config(config.train)
-  global_batch = int(config.data.batch_size)
+  global_batch = data.batch_size
   mesh_lib.check_batch(global_batch, layout.mesh)
-  check_data(config.data)
+  check_data(data)
   lpips_model = None
   if loss.perceptual_weight > 0:
     lpips_model = make_lpips(loss.lpips_weights, loss.lpips_random_init)
@@ -80,7 +83,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   use_lpips_loss = loss.perceptual_weight > 0
   _, programs = build_programs(config, lpips_def if use_lpips_loss else None)
   inception, reference = eval_networks(config)
-  return Run(config, workdir, spec, loss, layout, programs,
+  return Run(config, workdir, data, spec, loss, layout, programs,
              lpips_state if use_lpips_loss else None, lpips_model, inception, reference,
              global_batch, int(config.optim.accumulate_grad_batches))
 
@@ -171,7 +174,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
   check_export_target(workdir, config)
   state = initial_state(run)  # a missing train.init_from fails here, with its own message
   latent_scaling = init_latent_scaling(config.train, workdir)  # before anything is written
-  size = int(config.data.image_size)
+  size = run.data.image_size
   global_shape = (run.accumulate, run.global_batch, size, size, 3)
 
   def start(state, iterator, shardings) -> loop.Started:
@@ -189,8 +192,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
   lr = learning_rate(config.optim, run.global_batch)
   return loop.Stage(
       name="autoencoder", layout=run.layout, state=state, guarded=step_lib.GUARDED,
-      make_iterator=lambda: train_iterator(config.data, global_batch_size=run.global_batch,
-                                           seed=int(config.data.seed)),
+      make_iterator=lambda: train_iterator(run.data, global_batch_size=run.global_batch,
+                                           seed=run.data.seed),
       images_per_step=run.global_batch * run.accumulate, learning_rate=lambda step: lr,
       start=start, console_keys=CONSOLE_KEYS, export=lambda state: export(run, state, workdir),
       export_exists=lambda: fs.exists(export_path(workdir, config)))
@@ -265,10 +268,10 @@ class Evaluator:
     self.run = run
     config = run.config
     examples = int(config.train.get("eval_examples", 64))
-    self.batches = list(eval_batches(config.data, config.data.val_split,
+    self.batches = list(eval_batches(run.data, run.data.val_split,
                                      batch_size=run.global_batch, max_examples=examples))
     if not self.batches:
-      raise ValueError(f"the validation split {config.data.val_split!r} is empty")
+      raise ValueError(f"the validation split {run.data.val_split!r} is empty")
     self.evaluator = ReconstructionEvaluator(
         step_lib.reconstruct_fn(run.programs), mesh_lib.batch_sharding(run.mesh),
         lpips_model=run.eval_lpips, inception=run.inception, reference=run.reference_stats)

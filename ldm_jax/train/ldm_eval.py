@@ -40,11 +40,11 @@ def evaluator(run: ldm_trainer.LDMRun, inception, reference=None, tile: int = 0,
                              inception, reference)
 
 
-def _batches(config, limit: int | None):
+def _batches(run: ldm_trainer.LDMRun, limit: int | None):
   from ldm_jax.data.pipeline import eval_batches
   from ldm_jax.train.ldm_setup import condition_spec
-  return eval_batches(config.data, config.data.val_split, batch_size=int(config.data.batch_size),
-                      max_examples=limit, conditions=condition_spec(config))
+  return eval_batches(run.data, run.data.val_split, batch_size=run.data.batch_size,
+                      max_examples=limit, conditions=condition_spec(run.config))
 
 
 class TrainingEvaluation:
@@ -56,15 +56,15 @@ class TrainingEvaluation:
     config = run.config
     inception, reference = eval_networks(config, required=True)
     self.limit = int(config.train.eval_examples) or None
-    _batches(config, self.limit)  # a bad data config raises here
-    if num_images(config.data, config.data.val_split, self.limit) < 2:
+    _batches(run, self.limit)  # a bad data config raises here
+    if num_images(run.data, run.data.val_split, self.limit) < 2:
       raise ValueError(f"FID during training needs at least 2 examples of the validation "
-                       f"split {config.data.val_split!r} (train.eval_examples)")
-    self.config = config
+                       f"split {run.data.val_split!r} (train.eval_examples)")
+    self.run = run
     self.evaluator = evaluator(run, inception, reference)
 
   def __call__(self, state, step: int, writer) -> dict[str, float]:
-    out = self.evaluator.evaluate(state, _batches(self.config, self.limit))
+    out = self.evaluator.evaluate(state, _batches(self.run, self.limit))
     scalars = {f"eval/{k}": v for k, v in out.metrics.items() if k != "num_examples"}
     writer.write_scalars(step, scalars)
     logging.info("samples at step %d: %s", step, summary_line(out.metrics))
@@ -100,10 +100,10 @@ def evaluate_ldm_workdir(workdir: str, config, step: int | None = None, *, tile:
   target = checkpoint.abstract_with_shardings(abstract,
                                               run.layout.state_shardings(abstract))
   state, step = checkpoint.restore_state_only(workdir, target, step)
-  split = config.data.val_split
+  split = run.data.val_split
   limit = int(config.eval.num_examples) or None
-  batches = _batches(config, limit)
-  total = num_images(config.data, split, limit)
+  batches = _batches(run, limit)
+  total = num_images(run.data, split, limit)
   sample = config.sample
   logging.info("evaluating step %d: %d samples (%s, %d steps, guidance %g), one per example "
                "of %r, against %s", step, total, sample.sampler, sample.steps,

@@ -12,6 +12,7 @@ import json
 import ml_collections
 
 from ldm_jax.data.conditions import ConditionSpec
+from ldm_jax.data.spec import DataSpec
 from ldm_jax.data.tokenizer import make_tokenizer
 from ldm_jax.eval.setup import DEFAULTS as EVAL_DEFAULTS
 from ldm_jax.train import loop
@@ -62,14 +63,15 @@ def check_config(config: ml_collections.ConfigDict):
     if unknown:
       raise ValueError(f"unknown config keys {block}.{unknown}; valid: {sorted(known)}")
   spec = UNetSpec.from_config(config.unet)
+  data = DataSpec.from_config(config.data)  # its keys and values (batch_size >= 1, ...)
   cond = config.cond
   condition_spec(config)  # checks cond.kind
   concat = ConcatSpec.from_config(cond)
   if concat.kind == "inpaint" and config.first_stage.cache_dir:
     raise ValueError("cond.concat='inpaint' encodes a freshly masked image every step, "
                      "which a latent cache cannot hold: drop first_stage.cache_dir")
-  if concat.kind == "low_res" and config.data.image_size % concat.low_res_factor:
-    raise ValueError(f"data.image_size={config.data.image_size} is not divisible by "
+  if concat.kind == "low_res" and data.image_size % concat.low_res_factor:
+    raise ValueError(f"data.image_size={data.image_size} is not divisible by "
                      f"cond.low_res_factor={concat.low_res_factor}")
   if cond.kind == "class" and cond.num_classes < 2:
     raise ValueError("cond.kind='class' needs cond.num_classes >= 2 (the classes plus the "
@@ -81,15 +83,13 @@ def check_config(config: ml_collections.ConfigDict):
   if cond.kind == "none" and spec.use_spatial_transformer:
     raise ValueError("a model without a class or text condition has no context for "
                      "cross-attention: set unet.use_spatial_transformer=False")
-  check_image_size(config, spec, int(config.data.image_size), "data.image_size")
+  check_image_size(config, spec, data.image_size, "data.image_size")
   if config.sample.sampler not in SAMPLERS:
     raise ValueError(f"sample.sampler={config.sample.sampler!r}; choose one of {SAMPLERS}")
   if not 1 <= config.sample.steps <= config.diffusion.timesteps:
     raise ValueError(f"sample.steps={config.sample.steps} must be in [1, "
                      f"{config.diffusion.timesteps}]")
   loop.LoopSpec.from_config(config.train)
-  if config.data.batch_size < 1:
-    raise ValueError(f"data.batch_size={config.data.batch_size} must be >= 1")
   if int(config.optim.get("accumulate_grad_batches", 1)) != 1:
     # The LDM step makes one update per batch; accepting the key would only scale the
     # learning rate (scale_lr) for an accumulation that never happens.
@@ -176,7 +176,7 @@ def build_programs(config: ml_collections.ConfigDict, first_stage_def):
   from ldm_jax.train.optim import learning_rate
   spec = check_config(config)
   model_def = nnx.split(abstract_model(config, spec), nnx.Param, ...)[0]
-  lr = learning_rate(config.optim, int(config.data.batch_size))
+  lr = learning_rate(config.optim, DataSpec.from_config(config.data).batch_size)
   programs = LDMPrograms(
       model_def=model_def, first_stage_def=first_stage_def, tx=adamw(config.optim, lr),
       schedule=Schedule.from_config(config.diffusion),

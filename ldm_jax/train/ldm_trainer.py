@@ -24,6 +24,7 @@ from ldm_jax import fs
 from ldm_jax.data.latents import latent_iterator
 from ldm_jax.data.pipeline import train_iterator
 from ldm_jax.data.sources import check_data
+from ldm_jax.data.spec import DataSpec
 from ldm_jax.diffusion import samplers
 from ldm_jax.train import first_stage, ldm_step
 from ldm_jax.train import concat as concat_lib
@@ -39,6 +40,7 @@ from ldm_jax.train.optim import learning_rate
 class LDMRun:
   config: ml_collections.ConfigDict
   workdir: str
+  data: DataSpec  # config.data, read once here; the data functions take this
   spec: Any
   programs: ldm_step.LDMPrograms
   layout: mesh_lib.Layout  # the mesh and the sharding rules (train.mesh, train.sharding_rules)
@@ -57,10 +59,11 @@ def build_run(config: ml_collections.ConfigDict, workdir: str,
   if not config.first_stage.path:
     raise ValueError("set first_stage.path: the autoencoder that made (or decodes) the "
                      "latents, an ldm_jax workdir or PyTorch weights")
+  data = DataSpec.from_config(config.data)
   if check_training_data and not config.first_stage.cache_dir:
-    check_data(config.data)
+    check_data(data)
   layout = mesh_lib.Layout.from_config(config.train)
-  global_batch = int(config.data.batch_size)
+  global_batch = data.batch_size
   mesh_lib.check_batch(global_batch, layout.mesh)
   source = str(config.first_stage.path)
   if not fs.exists(source):
@@ -87,16 +90,16 @@ def build_run(config: ml_collections.ConfigDict, workdir: str,
   if spec.out_channels != latent_channels:
     raise ValueError(f"unet.out_channels={spec.out_channels} but the first stage's latents "
                      f"have {latent_channels} channels")
-  return LDMRun(config, workdir, spec, programs, layout, autoencoder, fs_state, global_batch)
+  return LDMRun(config, workdir, data, spec, programs, layout, autoencoder, fs_state, global_batch)
 
 
 def _iterator(run: LDMRun):
   config = run.config
   if config.first_stage.cache_dir:
-    return latent_iterator(config.first_stage.cache_dir, config.data.split,
-                           global_batch_size=run.global_batch, seed=int(config.data.seed))
-  return train_iterator(config.data, global_batch_size=run.global_batch,
-                        seed=int(config.data.seed), conditions=condition_spec(config))
+    return latent_iterator(config.first_stage.cache_dir, run.data.split,
+                           global_batch_size=run.global_batch, seed=run.data.seed)
+  return train_iterator(run.data, global_batch_size=run.global_batch,
+                        seed=run.data.seed, conditions=condition_spec(config))
 
 
 def make_sampler(run: LDMRun, tile: int = 0, overlap: float = 0.25):
@@ -121,7 +124,7 @@ def make_sampler(run: LDMRun, tile: int = 0, overlap: float = 0.25):
     """`negative`: condition fields to guide away from, instead of the null condition."""
     model = ldm_step.eval_model(programs, state)
     noise_key, sampler_key = jax.random.split(key)
-    size = concat_spec.image_size(fields, int(config.data.image_size)) // factor
+    size = concat_spec.image_size(fields, run.data.image_size) // factor
     x = jax.random.normal(noise_key, (num, size, size, channels), jnp.float32)
     cross = {k: fields[k] for k in programs.cond_fields}
     concat = ldm_step.concat_input(programs, fields, x.shape, fs_state, state.latent_norm)
