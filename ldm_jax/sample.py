@@ -45,6 +45,9 @@ _STRENGTH = flags.DEFINE_float("strength", None, "--pipeline with --image: how m
                                "image is repainted, in [0, 1] (default 0.8; 1 with --mask).")
 _INIT_NOISE = flags.DEFINE_string("init_noise", None, "--pipeline: an .npy of the initial "
                                   "latent noise, NHWC [num, H/8, W/8, 4].")
+_PREDICTION = flags.DEFINE_enum("prediction_type", None, ["eps", "v", "epsilon", "v_prediction"],
+                                "--pipeline: what the UNet predicts, replacing the scheduler's "
+                                "(a single file does not say: SD2-768 files need v).")
 _OUT = flags.DEFINE_string("out", "samples.png", "Where to write the grid (PNG).")
 _OVERWRITE = flags.DEFINE_boolean("overwrite", False,
                                   "Replace --out even when ldm_jax did not write it.")
@@ -80,7 +83,7 @@ _FIRST_STAGE = flags.DEFINE_string("first_stage", None,
 # Flags that only one of the two modes reads: naming one in the other mode is an error,
 # not a silent no-op.
 _WORKDIR_ONLY = (_CLASS, _STEP, _FIRST_STAGE)
-_PIPELINE_ONLY = (_TOKENIZER, _HEIGHT, _WIDTH, _STRENGTH, _INIT_NOISE)
+_PIPELINE_ONLY = (_TOKENIZER, _HEIGHT, _WIDTH, _STRENGTH, _INIT_NOISE, _PREDICTION)
 
 
 def _named(flag_list) -> list[str]:
@@ -261,7 +264,8 @@ def _pipeline_main():
   from ldm_jax.train.ldm_trainer import grid
 
   try:
-    pipe = load_pipeline(s["pipeline"], tokenizer=_TOKENIZER.value)
+    pipe = load_pipeline(s["pipeline"], tokenizer=_TOKENIZER.value,
+                         prediction_type=_PREDICTION.value)
     if "mask" in arrays and not pipe.is_inpaint:
       raise ValueError(f"--mask needs an inpainting pipeline; {s['pipeline']} is "
                        f"{pipe.variant} with a {pipe.unet.spec.in_channels}-channel UNet")

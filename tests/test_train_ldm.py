@@ -142,6 +142,14 @@ def test_text_inpainting_ldm_trains_resumes_samples_and_exports(tmp_path, kl_wei
   export_ldm_workdir(str(tmp_path), str(tmp_path / "ldm_diffusers"), "diffusers")
   unet = UNet2DConditionModel.from_pretrained(tmp_path / "ldm_diffusers" / "unet")
   assert unet.config.in_channels == 9
+  assert unet.config.sample_size == config.data.image_size // 8
+  # The schedule and prediction type travel with the weights, as diffusers reads them.
+  from diffusers import DDIMScheduler
+  from ldm_jax.diffusion.schedules import Schedule
+  scheduler = DDIMScheduler.from_pretrained(tmp_path / "ldm_diffusers" / "scheduler")
+  np.testing.assert_allclose(scheduler.alphas_cumprod.double().numpy(),
+                             Schedule.from_config(config.diffusion).alphas_cumprod, rtol=1e-6)
+  assert scheduler.config.prediction_type == "epsilon"
   vae = AutoencoderKL.from_pretrained(tmp_path / "ldm_diffusers" / "vae")
   assert abs(vae.config.scaling_factor - scale) < 1e-6
   assert (tmp_path / "ldm_diffusers" / "cond" / "model.safetensors").exists()

@@ -46,7 +46,7 @@ from ldm_jax.convert.unet import (diffusers_config as unet_diffusers_config, ema
                                   to_compvis)
 from ldm_jax.data.tokenizer import CLIPTokenizer
 from ldm_jax.models.unet import UNetSpec, abstract_unet
-from ldm_jax.sd import PREDICTION_TYPES, Pipeline, SchedulerConfig
+from ldm_jax.sd import BETA_SCHEDULES, PREDICTION_TYPES, Pipeline, SchedulerConfig
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -214,6 +214,34 @@ def scheduler_to_diffusers(scheduler: SchedulerConfig) -> dict:
   config = {"_class_name": _DEFAULT_SCHEDULER_CLASS, "_diffusers_version": _DIFFUSERS_VERSION}
   config.update({k: _thawed(v) for k, v in scheduler.extra})
   config.update({k: getattr(scheduler, k) for k in _SCHEDULER_FIELDS})
+  return config
+
+
+def scheduler_for_schedule(beta_schedule: str, timesteps: int, linear_start: float,
+                           linear_end: float, cosine_s: float, parameterization: str) -> dict:
+  """scheduler_config.json for an ldm_jax run's schedule (its `diffusion` block's values):
+  a DDIMScheduler with CompVis's DDIM conventions (timesteps i * T/S + 1, the last step to
+  alphas_cumprod[0], no clipping). A schedule diffusers has no name for goes in as its
+  betas (`trained_betas`), so the numbers are the run's whatever the schedule."""
+  from ldm_jax.diffusion.schedules import beta_schedule as make_betas
+  prediction = {v: k for k, v in PREDICTION_TYPES.items()}
+  config = {"_class_name": _DEFAULT_SCHEDULER_CLASS, "_diffusers_version": _DIFFUSERS_VERSION,
+            "num_train_timesteps": int(timesteps), "beta_start": float(linear_start),
+            "beta_end": float(linear_end), "prediction_type": prediction[parameterization],
+            "timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False,
+            "clip_sample": False, "trained_betas": None}
+  # ldm_jax's names -> diffusers': "linear" is linear in sqrt(beta) (diffusers'
+  # "scaled_linear"), "sqrt_linear" linear in beta; the cosine schedule is diffusers'
+  # squaredcos_cap_v2 only at its s = 0.008.
+  named = {v: k for k, v in BETA_SCHEDULES.items()}
+  if beta_schedule == "cosine" and abs(float(cosine_s) - 8e-3) < 1e-12:
+    config["beta_schedule"] = "squaredcos_cap_v2"
+  elif beta_schedule in named:
+    config["beta_schedule"] = named[beta_schedule]
+  else:
+    config["beta_schedule"] = "linear"  # ignored by diffusers when trained_betas is set
+    config["trained_betas"] = make_betas(beta_schedule, int(timesteps), float(linear_start),
+                                         float(linear_end), float(cosine_s)).tolist()
   return config
 
 
@@ -445,8 +473,7 @@ def _save_folder(pipe: Pipeline, out, overwrite: bool) -> None:
     tmp.mkdir()
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     write_diffusers_folder(export_state(pipe.unet),
-                           {**unet_diffusers_config(pipe.unet.spec),
-                            "sample_size": pipe.sample_size},
+                           unet_diffusers_config(pipe.unet.spec, pipe.sample_size),
                            tmp / "unet", kind=outputs.UNET)
     vae_config = vae_diffusers_config(pipe.vae.spec, pipe.latent_scale, **shift)
     if vae_config["_class_name"] != "AutoencoderKL":

@@ -112,8 +112,10 @@ def from_compvis(tensors: dict[str, np.ndarray], spec: UNetSpec) -> dict[str, np
   return _rename(tensors, module_renames(spec), to_compvis=False)
 
 
-def diffusers_config(spec: UNetSpec) -> dict:
-  """config.json for diffusers' UNet2DConditionModel describing `spec` (or why it cannot)."""
+def diffusers_config(spec: UNetSpec, sample_size: int | None = None) -> dict:
+  """config.json for diffusers' UNet2DConditionModel describing `spec` (or why it cannot).
+  `sample_size`: the latent side it was trained at (diffusers pipelines derive their
+  default image size from it); None when unknown."""
   problems = []
   if not spec.use_spatial_transformer:
     problems.append("legacy AttentionBlocks (use_spatial_transformer=False)")
@@ -144,7 +146,7 @@ def diffusers_config(spec: UNetSpec) -> dict:
       "resnet_time_scale_shift": "scale_shift" if spec.use_scale_shift_norm else "default",
       "norm_num_groups": 32, "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0,
       "act_fn": "silu", "center_input_sample": False, "downsample_padding": 1,
-      "mid_block_scale_factor": 1,
+      "mid_block_scale_factor": 1, "sample_size": sample_size,
   }
 
 
@@ -287,10 +289,11 @@ def _spec_json(spec: UNetSpec) -> dict:
 
 
 def save_unet(model: UNetModel, path: str | os.PathLike, format: str = "diffusers", *,
-              overwrite: bool = False) -> None:
-  """format="diffusers": a UNet2DConditionModel folder; "compvis": one .safetensors with
-  CompVis keys and ldm_jax's spec in its metadata. Written atomically; a previous UNet
-  export at `path` is replaced, anything else refused unless `overwrite` (ldm_jax.outputs)."""
+              sample_size: int | None = None, overwrite: bool = False) -> None:
+  """format="diffusers": a UNet2DConditionModel folder (`sample_size` in its config.json);
+  "compvis": one .safetensors with CompVis keys and ldm_jax's spec in its metadata.
+  Written atomically; a previous UNet export at `path` is replaced, anything else refused
+  unless `overwrite` (ldm_jax.outputs)."""
   if format not in ("compvis", "diffusers"):
     raise ValueError(f"format must be 'diffusers' or 'compvis', got {format!r}")
   if format == "compvis" and Path(path).suffix != ".safetensors":
@@ -298,8 +301,8 @@ def save_unet(model: UNetModel, path: str | os.PathLike, format: str = "diffuser
   outputs.check_target(path, outputs.UNET, overwrite=overwrite)  # before the work
   tensors = export_state(model)
   if format == "diffusers":
-    write_diffusers_folder(tensors, diffusers_config(model.spec), path, kind=outputs.UNET,
-                           overwrite=overwrite)
+    write_diffusers_folder(tensors, diffusers_config(model.spec, sample_size), path,
+                           kind=outputs.UNET, overwrite=overwrite)
   else:
     write_safetensors(to_compvis(tensors, model.spec), path,
                       {SPEC_METADATA_KEY: json.dumps(_spec_json(model.spec))},

@@ -20,6 +20,7 @@ from ldm_jax import fs, outputs
 from ldm_jax.convert.autoencoder import compvis_unsupported, save_autoencoder
 from ldm_jax.convert.files import write_safetensors
 from ldm_jax.convert.torch_layout import export_state
+from ldm_jax.convert.pipeline import scheduler_for_schedule
 from ldm_jax.convert.unet import save_unet, to_compvis
 from ldm_jax.eval.workdir import is_ldm, load_run_config
 from ldm_jax.train import checkpoint, ldm_step
@@ -67,8 +68,10 @@ def export_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: bool
 def export_ldm_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: bool = True,
                        step: int | None = None, *, overwrite: bool = False,
                        first_stage: str | None = None) -> int:
-  """An LDM run for PyTorch users. diffusers: a folder with unet/ (UNet2DConditionModel),
-  vae/ (AutoencoderKL or VQModel, scaling_factor = the run's latent scale) and, when the
+  """An LDM run for PyTorch users. diffusers: a folder with unet/ (UNet2DConditionModel,
+  sample_size = the run's latent size), vae/ (AutoencoderKL or VQModel, scaling_factor =
+  the run's latent scale), scheduler/ (a DDIMScheduler with the run's schedule and
+  prediction type: `convert.pipeline.scheduler_for_schedule`) and, when the
   model has one, cond/ (the condition encoder's tensors and its config; it has no
   diffusers class). compvis: one .safetensors in the LDM checkpoint layout
   (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*). `first_stage`:
@@ -93,7 +96,16 @@ def export_ldm_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: 
   if fmt == "diffusers":
     with outputs.atomic_path(out, outputs.LDM, overwrite=overwrite) as tmp:
       os.makedirs(tmp)  # local for a gs:// --out too: outputs stages it, then uploads
-      save_unet(model.unet, os.path.join(tmp, "unet"), format="diffusers")
+      factor = run.first_stage.spec.downsample_factor
+      save_unet(model.unet, os.path.join(tmp, "unet"), format="diffusers",
+                sample_size=int(config.data.image_size) // factor)
+      diffusion = config.diffusion
+      os.makedirs(os.path.join(tmp, "scheduler"))
+      with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(scheduler_for_schedule(
+            diffusion.beta_schedule, diffusion.timesteps, diffusion.linear_start,
+            diffusion.linear_end, diffusion.get("cosine_s", 8e-3),
+            diffusion.parameterization), f, indent=2)
       save_autoencoder(run.first_stage, os.path.join(tmp, "vae"), format="diffusers",
                        scaling_factor=scale, **shift_kw)
       if cond:
