@@ -55,7 +55,7 @@ def autoencoder_config(*, kind: str, embed_dim: int, z_channels: int, ch_mult: t
                       eval_examples=64, on_nonfinite="stop", max_nonfinite=100,
                       eval_at_start=True, preemption_every=10,
                       sharding_rules=(), max_unsharded_fraction=0.1)  # see ldm_jax/mesh.py
-  config.eval = dict(inception_weights="", reference_stats="", num_examples=0)
+  config.eval = dict(inception_weights="", reference_stats="", num_examples=0, clip_model="")
   if arg == "demo":
     _shrink(config, ch=32, image_size=64, batch_size=8)
     config.loss.perceptual_weight = 0.0  # LPIPS needs VGG weights that cannot ship offline
@@ -186,7 +186,7 @@ def ldm_config(*, first_stage: dict[str, Any], unet: dict[str, Any], diffusion: 
                       on_nonfinite="stop", max_nonfinite=100,  # see ldm_jax/train/guard.py
                       eval_at_start=True, preemption_every=10,  # see ldm_jax/train/loop.py
                       sharding_rules=(), max_unsharded_fraction=0.1)  # see ldm_jax/mesh.py
-  config.eval = dict(inception_weights="", reference_stats="", num_examples=0)
+  config.eval = dict(inception_weights="", reference_stats="", num_examples=0, clip_model="")
   if arg in ("demo", "tiny"):
     _shrink_ldm(config, tiny=arg == "tiny")
   return config

@@ -37,6 +37,18 @@ def test_eval_padding_gets_blank_conditions():
                                 TOKENIZER([""])[0])
 
 
+def test_eval_batches_can_carry_the_raw_captions():
+  """The CLIP score tokenizes the captions its own way: evaluation batches can hold the
+  text itself, stacked as a numpy string array, blank for padding."""
+  spec = ConditionSpec(fields=("label", "caption"))
+  batches = list(pipeline.eval_batches(_config(image_size=32), "validation", batch_size=5,
+                                       process_index=0, process_count=1, conditions=spec))
+  for batch in batches:
+    assert batch["caption"].shape == (5,) and batch["caption"].dtype.kind == "U"
+    for label, caption, real in zip(batch["label"], batch["caption"], batch["mask"]):
+      assert caption == (builtin.CAPTIONS[builtin.PHOTOS[label]] if real else "")
+
+
 def test_folder_labels_from_subfolders_and_sidecar_captions(tmp_path):
   rng = np.random.default_rng(0)
   for cls in ("cats", "dogs"):

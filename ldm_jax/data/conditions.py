@@ -20,7 +20,9 @@ import numpy as np
 
 from ldm_jax import fs
 
-FIELDS = ("label", "tokens")
+# "caption" is the raw text (a numpy string), for evaluations that tokenize it their own
+# way (the CLIP score); no training batch carries it.
+FIELDS = ("label", "tokens", "caption")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,8 @@ class FieldReader:
       out["label"] = np.int32(self._label(record))
     if "tokens" in self.spec.fields:
       out["tokens"] = self.spec.tokenizer([self._caption(record)])[0]
+    if "caption" in self.spec.fields:
+      out["caption"] = np.str_(self._caption(record))
     return out
 
   def blank(self) -> dict:
@@ -69,6 +73,8 @@ class FieldReader:
       out["label"] = np.int32(0)
     if "tokens" in self.spec.fields:
       out["tokens"] = self.spec.tokenizer([""])[0]
+    if "caption" in self.spec.fields:
+      out["caption"] = np.str_("")
     return out
 
   def _label(self, record: Any) -> int:

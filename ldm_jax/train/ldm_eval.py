@@ -9,12 +9,14 @@ config's `sample.sampler / steps / eta / guidance_scale`), each batch conditione
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from absl import logging
 
 from ldm_jax.eval.generation import GenerationEvaluator, is_splits
 from ldm_jax.eval.reconstruction import summary_line
-from ldm_jax.eval.setup import eval_config, eval_networks
+from ldm_jax.eval.setup import eval_clip_scorer, eval_config, eval_networks
 from ldm_jax.train import ldm_trainer
 from ldm_jax import mesh as mesh_lib
 
@@ -35,16 +37,30 @@ def sample_fn(run: ldm_trainer.LDMRun, tile: int = 0, overlap: float = 0.25):
 
 
 def evaluator(run: ldm_trainer.LDMRun, inception, reference=None, tile: int = 0,
-              overlap: float = 0.25) -> GenerationEvaluator:
-  return GenerationEvaluator(sample_fn(run, tile, overlap), run.mesh, mesh_lib.batch_sharding(run.mesh),
-                             inception, reference)
+              overlap: float = 0.25, clip_scorer=None) -> GenerationEvaluator:
+  return GenerationEvaluator(sample_fn(run, tile, overlap), run.mesh,
+                             mesh_lib.batch_sharding(run.mesh), inception, reference,
+                             clip_scorer=clip_scorer)
 
 
-def _batches(run: ldm_trainer.LDMRun, limit: int | None):
+def _clip_scorer(run: ldm_trainer.LDMRun):
+  """eval.clip_model's scorer, or None; only text runs have captions to score against."""
+  if not eval_config(run.config).clip_model:
+    return None
+  if run.config.cond.kind != "text":
+    raise ValueError(f"eval.clip_model (--clip_model) scores samples against their "
+                     f"captions; this run has cond.kind={run.config.cond.kind!r}")
+  return eval_clip_scorer(run.config, run.mesh)
+
+
+def _batches(run: ldm_trainer.LDMRun, limit: int | None, captions: bool = False):
   from ldm_jax.data.pipeline import eval_batches
   from ldm_jax.train.ldm_setup import condition_spec
+  conditions = condition_spec(run.config)
+  if captions:  # the raw text, for the CLIP folder's own tokenizer (not the run's)
+    conditions = dataclasses.replace(conditions, fields=conditions.fields + ("caption",))
   return eval_batches(run.data, run.data.val_split, batch_size=run.data.batch_size,
-                      max_examples=limit, conditions=condition_spec(run.config))
+                      max_examples=limit, conditions=conditions)
 
 
 class TrainingEvaluation:
@@ -61,10 +77,11 @@ class TrainingEvaluation:
       raise ValueError(f"FID during training needs at least 2 examples of the validation "
                        f"split {run.data.val_split!r} (train.eval_examples)")
     self.run = run
-    self.evaluator = evaluator(run, inception, reference)
+    self.clip = _clip_scorer(run)
+    self.evaluator = evaluator(run, inception, reference, clip_scorer=self.clip)
 
   def __call__(self, state, step: int, writer) -> dict[str, float]:
-    out = self.evaluator.evaluate(state, _batches(self.run, self.limit))
+    out = self.evaluator.evaluate(state, _batches(self.run, self.limit, self.clip is not None))
     scalars = {f"eval/{k}": v for k, v in out.metrics.items() if k != "num_examples"}
     writer.write_scalars(step, scalars)
     logging.info("samples at step %d: %s", step, summary_line(out.metrics))
@@ -96,20 +113,21 @@ def evaluate_ldm_workdir(workdir: str, config, step: int | None = None, *, tile:
   if tile % factor:
     raise ValueError(f"--tile={tile} must be a multiple of the first stage's downsampling "
                      f"factor {factor}")
+  clip = _clip_scorer(run)  # a bad --clip_model fails before the restore
   abstract = abstract_state(config, run.spec, run.programs)
   target = checkpoint.abstract_with_shardings(abstract,
                                               run.layout.state_shardings(abstract))
   state, step = checkpoint.restore_state_only(workdir, target, step)
   split = run.data.val_split
   limit = int(config.eval.num_examples) or None
-  batches = _batches(run, limit)
+  batches = _batches(run, limit, captions=clip is not None)
   total = num_images(run.data, split, limit)
   sample = config.sample
   logging.info("evaluating step %d: %d samples (%s, %d steps, guidance %g), one per example "
                "of %r, against %s", step, total, sample.sampler, sample.steps,
                sample.guidance_scale, split,
                config.eval.reference_stats or "the real images of the same examples")
-  scorer = evaluator(run, inception, reference, tile, overlap)
+  scorer = evaluator(run, inception, reference, tile, overlap, clip_scorer=clip)
   bar = tqdm.tqdm(total=total, unit="img", desc="sample + score",
                   disable=jax.process_index() > 0)
   with bar:

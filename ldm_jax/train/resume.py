@@ -45,7 +45,7 @@ HARMLESS = ("train.num_steps", "train.log_every", "train.eval_every", "train.ckp
 # Files and folders named by a config (made absolute; moving one is not a new run).
 PATH_KEYS = ("first_stage.path", "first_stage.cache_dir", "train.init_from",
              "loss.lpips_weights", "eval.inception_weights", "eval.reference_stats",
-             "cond.vocab_file", "data.data_dir")
+             "cond.vocab_file", "data.data_dir", "eval.clip_model")
 DATA_PATH_SOURCES = ("folder", "arrayrecord")  # where data.path is a path, not a TFDS name
 
 
