@@ -1,6 +1,7 @@
 """The input pipeline on data made here: builtin photos, a temp folder, ArrayRecord, TFDS."""
 
 import hashlib
+import itertools
 import io
 import os
 
@@ -168,6 +169,20 @@ def test_arrayrecord_source(tmp_path):
 
 
 # --- pipeline --------------------------------------------------------------------------------
+
+def test_random_channel_order_permutes_the_same_crops():
+  """With random_channel_order each training image is the plain pipeline's image (the same
+  crop and flip draws) with its RGB channels in one of the 6 orders, several of them."""
+  make = lambda **kw: next(pipeline.train_iterator(
+      _config(**kw), global_batch_size=16, seed=0, process_index=0, process_count=1))
+  plain, shuffled = make()["image"], make(random_channel_order=True)["image"]
+  orders = []
+  for a, b in zip(plain, shuffled):
+    found = [p for p in itertools.permutations(range(3)) if np.array_equal(a[..., p], b)]
+    assert found, "not a channel permutation of the plain image"
+    orders.append(found[0])
+  assert len(set(orders)) >= 3
+
 
 def test_train_batches_shape_dtype_range_and_determinism():
   config = _config(batch_size=6)

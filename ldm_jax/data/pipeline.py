@@ -155,12 +155,15 @@ def blank(image_size: int, fields: FieldReader | None = None,
 
 
 class Augment(grain.transforms.RandomMap):
-  """Square crop (random or center), optional horizontal flip, to float32 in [-1, 1]."""
+  """Square crop (random or center), optional horizontal flip and channel order, to
+  float32 in [-1, 1]."""
 
-  def __init__(self, image_size: int, random_crop: bool, random_flip: bool):
+  def __init__(self, image_size: int, random_crop: bool, random_flip: bool,
+               random_channel_order: bool = False):
     self.image_size = image_size
     self.random_crop = random_crop
     self.random_flip = random_flip
+    self.random_channel_order = random_channel_order
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     if "image" not in element:  # a skipped record's marker, passed on to be counted
@@ -172,6 +175,8 @@ class Augment(grain.transforms.RandomMap):
       pixels = images.center_crop(pixels, self.image_size)
     if self.random_flip and rng.random() < 0.5:
       pixels = pixels[:, ::-1]
+    if self.random_channel_order:
+      pixels = pixels[..., rng.permutation(3)]
     return {**element, "image": images.to_float(pixels)}
 
 
@@ -282,7 +287,8 @@ def train_iterator(data: DataSpec, *, global_batch_size: int, seed: int,
   shuffle_seed, augment_seed = np.random.SeedSequence(
       [seed, hosts.shard_index]).generate_state(2)
   ds = ds.shuffle(seed=int(shuffle_seed)).repeat()
-  ds = ds.random_map(Augment(size, data.random_crop, data.random_flip), seed=int(augment_seed))
+  ds = ds.random_map(Augment(size, data.random_crop, data.random_flip,
+                             data.random_channel_order), seed=int(augment_seed))
   it = ds.to_iter_dataset(_read_options(data, local_batch), allow_nones=True)
   # Any window of two epochs holds every record, so this many drops in a row means none
   # decodes.

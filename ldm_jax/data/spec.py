@@ -33,6 +33,10 @@ Added later, so with defaults for configs saved before them:
   max_image_pixels  images with more pixels to decode (after JPEG's reduced-scale decoding)
                 are skipped (default 89,478,485, PIL's MAX_IMAGE_PIXELS); above twice PIL's
                 own limit PIL refuses the file whatever this says
+  random_channel_order  train: the RGB channels in one of their 6 orders, drawn per
+                example (default off). For small or colour-poor data (the built-in photos
+                are few, warm or grey): an autoencoder should reproduce any colour, and
+                this shows it blue skies a dozen warm photos never do
 
 What needs the data itself (do the splits exist, do the files decode, is there a record
 for every host) is checked by `sources.check_data`, not here: building a spec touches no
@@ -78,6 +82,7 @@ class DataSpec:
   image_key: str = "image"
   max_aspect_ratio: float = images.DEFAULT_MAX_ASPECT_RATIO
   max_image_pixels: int = images.DEFAULT_MAX_IMAGE_PIXELS
+  random_channel_order: bool = False
 
   def __post_init__(self):
     # In __post_init__ rather than from_config, so dataclasses.replace is checked too.
