@@ -43,7 +43,7 @@ def autoencoder_config(*, kind: str, embed_dim: int, z_channels: int, ch_mult: t
                      image_size=256, batch_size=batch_size, random_crop=True, random_flip=True,
                      num_workers=0, read_threads=8, seed=0, val_fraction=0.05, data_dir="",
                      image_key="image", max_aspect_ratio=4.0, max_image_pixels=89_478_485,
-                     random_channel_order=False)
+                     short_side=0, random_channel_order=False)
   config.train = dict(num_steps=1_000_000, log_every=100, eval_every=5000, ckpt_every=5000,
                       keep_checkpoints=3, seed=0, decoder_only=False, init_from="",
                       # With init_from: "auto" also loads a training checkpoint's
@@ -136,7 +136,8 @@ def ldm_config(*, first_stage: dict[str, Any], unet: dict[str, Any], diffusion: 
 
   `first_stage`: `path` (an ldm_jax autoencoder workdir or PyTorch weights), `kind`,
   `downsample_factor`, `scale_factor` and `scale_by_std`. `unet` uses the CompVis
-  openaimodel argument names. `cond.kind` (none | class | text) is the cross-attention
+  openaimodel argument names. `cond.kind` (none | class | text, or clip for a Stable
+  Diffusion fine-tune: configs/sd_finetune.py, train.sd_source) is the cross-attention
   condition, `cond.concat` (none | low_res | inpaint) what is concatenated to the latent;
   both together are the reference's "hybrid" (see ldm_jax.train.concat).
   """
@@ -179,7 +180,7 @@ def ldm_config(*, first_stage: dict[str, Any], unet: dict[str, Any], diffusion: 
                      random_flip=True, num_workers=0, read_threads=8, seed=0,
                      val_fraction=0.05, data_dir="", image_key="image", max_aspect_ratio=4.0,
                      max_image_pixels=89_478_485,  # decoding bounds: see data/sources.py
-                     random_channel_order=False)
+                     short_side=0, random_channel_order=False)
   config.sample = dict(sampler="ddim", steps=50, eta=0.0, guidance_scale=1.0, num=16,
                        every=5000)
   config.train = dict(num_steps=1_000_000, log_every=100, eval_every=5000, ckpt_every=5000,

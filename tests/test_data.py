@@ -184,6 +184,24 @@ def test_random_channel_order_permutes_the_same_crops():
   assert len(set(orders)) >= 3
 
 
+def test_short_side_crops_instead_of_shrinking():
+  """data.short_side: the 128-pixel built-in tiles resized to 64, then 32-pixel crops (the
+  center one for evaluation), not whole tiles shrunk to 32."""
+  config = _config(image_size=32, short_side=64)
+  tile = builtin.load_tiles("validation")[0]
+  resized = images.decode_resized(_encoded(tile, "PNG"), 64)
+  batch = next(pipeline.eval_batches(config, "validation", batch_size=2, process_index=0,
+                                     process_count=1))
+  assert batch["image"].shape == (2, 32, 32, 3)
+  np.testing.assert_allclose(batch["image"][0], images.to_float(images.center_crop(resized, 32)),
+                             atol=2 / 255)
+  train = next(pipeline.train_iterator(config, global_batch_size=4, seed=0, process_index=0,
+                                       process_count=1))
+  assert train["image"].shape == (4, 32, 32, 3)
+  with pytest.raises(ValueError, match="short_side=16 is below data.image_size=32"):
+    _config(image_size=32, short_side=16)
+
+
 def test_train_batches_shape_dtype_range_and_determinism():
   config = _config(batch_size=6)
   make = lambda seed: pipeline.train_iterator(config, global_batch_size=6, seed=seed,

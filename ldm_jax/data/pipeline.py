@@ -134,14 +134,19 @@ class Decode(grain.transforms.MapWithIndex):
 
 
 class DecodeOrBlank(Decode):
-  """For evaluation: a skipped record becomes a masked-out blank example."""
+  """For evaluation: the center `crop_size` crop (default: the decoded shorter side); a
+  skipped record becomes a masked-out blank example."""
+
+  def __init__(self, *args, crop_size: int | None = None, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.crop_size = crop_size or self.image_size
 
   def map_with_index(self, index: int, element: Any) -> dict:
     try:
       pixels = self.decode(index, element)
     except images.SkippedImage as e:
-      return blank(self.image_size, self.fields, skipped=e.reason)
-    crop = images.center_crop(pixels, self.image_size)
+      return blank(self.crop_size, self.fields, skipped=e.reason)
+    crop = images.center_crop(pixels, self.crop_size)
     return {"image": images.to_float(crop), **self.conditions(element), "mask": np.True_,
             _SKIPPED: _counts()}
 
@@ -277,7 +282,7 @@ def train_iterator(data: DataSpec, *, global_batch_size: int, seed: int,
   source = make_source(data, data.split)
   size = data.image_size
   ds = grain.MapDataset.source(source).map_with_index(
-      Decode(size, source.label, data.image_key, _reader(conditions, source),
+      Decode(data.resize_to, source.label, data.image_key, _reader(conditions, source),
              data.decode_limits()))
   ds = ds[hosts.shard_index::hosts.shard_count]
   if not len(ds):
@@ -321,7 +326,8 @@ def eval_batches(data: DataSpec, split: str, *, batch_size: int, max_examples: i
     return iter(())
   reader = _reader(conditions, source)
   ds = grain.MapDataset.source(source).map_with_index(
-      DecodeOrBlank(size, source.label, data.image_key, reader, data.decode_limits()))
+      DecodeOrBlank(data.resize_to, source.label, data.image_key, reader,
+                    data.decode_limits(), crop_size=size))
   ds = ds[:total][hosts.shard_index::hosts.shard_count]
   per_host = -(-total // hosts.shard_count)
   padding = -(-per_host // local_batch) * local_batch - len(ds)
