@@ -47,11 +47,26 @@ def main(argv):
   from ldm_jax.train.first_stage import load_first_stage
   from ldm_jax.train import concat
   from ldm_jax.train.ldm_setup import condition_spec
+  from ldm_jax.train import sd_source
 
   data = DataSpec.from_config(config.data)
   check_data(data)
+  if config.cond.get("train_text_encoder", False):
+    raise app.UsageError("cond.train_text_encoder=True: the text encoder's outputs change "
+                         "as it trains, so a latent cache cannot hold them; train from "
+                         "images")
   conditions = condition_spec(config)
-  model = load_first_stage(config.first_stage.path)
+  encode_fields = None
+  if sd_source.is_sd(config):  # the pipeline's VAE, and its frozen text encoder's outputs
+    pipe = sd_source.load(config)
+    model = pipe.vae
+    import jax
+    from flax import nnx
+    text_def, text_state = nnx.split(pipe.text_encoder)
+    encode = jax.jit(lambda state, tokens: nnx.merge(text_def, state)(tokens))
+    encode_fields = lambda fields: {"context": encode(text_state, fields["tokens"])}
+  else:
+    model = load_first_stage(config.first_stage.path)
   spec = concat.ConcatSpec.from_config(config.cond)
   if spec.kind == "inpaint":
     raise app.UsageError("cond.concat='inpaint' masks every image anew each step: train it "
@@ -63,7 +78,8 @@ def main(argv):
     count = latents.write_cache(model, data, split, out,
                                 batch_size=_BATCH.value or data.batch_size,
                                 conditions=conditions, max_examples=_MAX.value,
-                                derived=derived, overwrite=_OVERWRITE.value)
+                                derived=derived, encode_fields=encode_fields,
+                                overwrite=_OVERWRITE.value)
     logging.info("cached %d examples of split %r in %s", count, split, out)
 
 

@@ -117,7 +117,7 @@ def main(argv):
       raise ValueError(f"{workdir} holds an autoencoder run, not an LDM")
     out = check_grid_path(_OUT.value, overwrite=_OVERWRITE.value)
     step = checkpoint.resolve_step(workdir, _STEP.value)
-    if _NEGATIVE.value is not None and config.cond.kind != "text":
+    if _NEGATIVE.value is not None and config.cond.kind not in ("text", "clip"):
       raise ValueError("--negative_prompt needs a text-conditional model")
 
   except (ValueError, FileNotFoundError) as e:

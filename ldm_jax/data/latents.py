@@ -3,7 +3,10 @@
 Encoding every image at every step costs a full encoder pass (for kl-f8 at 256 px more
 FLOPs than a small UNet step). The cache stores, per image, the posterior's `mean` and
 `logvar` (KL: training draws a fresh sample each step, as it would from images) or the
-pre-quantization latent as `mean` (VQ), plus the condition fields ("label", "tokens").
+pre-quantization latent as `mean` (VQ), plus the condition fields ("label", "tokens") and,
+for a Stable Diffusion fine-tune with a frozen text encoder, the encoder's output per
+caption ("context", float32 [77, width]: 236 KB an image for SD1), so that training never
+runs the encoder.
 Images are center-cropped and not flipped: augmentation is fixed at caching time.
 
 Layout: `DIR/{split}-{process:05d}-of-{count:05d}.array_record`, one file per host, each
@@ -62,13 +65,14 @@ def check_cache_dir(directory: str, *, overwrite: bool = False) -> None:
 
 def write_cache(model, data: DataSpec, split: str, directory: str, *, batch_size: int,
                 conditions: ConditionSpec | None = None,
-                max_examples: int | None = None, derived=None,
+                max_examples: int | None = None, derived=None, encode_fields=None,
                 overwrite: bool = False) -> int:
   """Encodes `split` into this host's shard of `directory`; returns the examples written.
 
   `derived(images) -> {name: array}`: more per-image arrays to keep, computed from the
-  same crops (the low-res inputs of a super-resolution model). `overwrite`: see
-  `check_cache_dir`.
+  same crops (the low-res inputs of a super-resolution model). `encode_fields(fields) ->
+  {name: array}`: more per-record arrays computed from the condition fields (a frozen text
+  encoder's "context" from "tokens"). `overwrite`: see `check_cache_dir`.
   """
   from array_record.python.array_record_module import ArrayRecordWriter
   outputs.prepare_directory(directory, outputs.LATENT_CACHE, overwrite=overwrite)
@@ -83,6 +87,8 @@ def write_cache(model, data: DataSpec, split: str, directory: str, *, batch_size
                                 process_count=jax.process_count(), conditions=conditions):
         stats = jax.device_get(encode(batch["image"]))
         fields = {k: v for k, v in batch.items() if k not in ("image", "mask")}
+        if encode_fields is not None:
+          fields.update(jax.device_get(encode_fields(fields)))
         for i in np.flatnonzero(batch["mask"]):
           record = {k: np.asarray(v[i]) for k, v in {**stats, **fields}.items()}
           writer.write(serialization.msgpack_serialize(record))

@@ -11,6 +11,13 @@ Both return a context sequence [B, L, D] for the UNet's cross-attention:
 
 `Conditioner` picks one by `cond.kind` and knows the null condition classifier-free
 guidance needs: the last class id, or the tokens of the empty caption.
+
+kind "clip" is Stable Diffusion's text encoder (`models.clip.CLIPTextTransformer`, loaded
+from a pipeline), frozen unless trained: frozen, its weights are `Buffer`s, so they sit
+in the state's non-trained part (checkpointed, never optimized or averaged) and no
+gradient reaches them. A batch may carry the encoder's output already ("context", from a
+latent cache) instead of "tokens"; its null condition is then the empty prompt's context,
+`null_context`, computed once from the frozen weights (`set_null_context`).
 """
 
 from __future__ import annotations
@@ -131,14 +138,25 @@ class TextEncoder(nnx.Module):
     return constrain(self.final_norm(x), BLC)
 
 
-KINDS = ("none", "class", "text")
+KINDS = ("none", "class", "text", "clip")
+FIELDS = {"none": (), "class": ("label",), "text": ("tokens",), "clip": ("tokens",)}
+
+
+def freeze(module: nnx.Module) -> nnx.Module:
+  """`module` with every Param turned into a Buffer: kept and saved, never trained."""
+  from ldm_jax.models.layers import Buffer
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  frozen = jax.tree.map(lambda v: Buffer(v[...]), params,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, frozen, rest)
 
 
 class Conditioner(nnx.Module):
   """Trained with the UNet; `null_fields` gives the unconditional input of the same shape."""
 
   def __init__(self, kind: str, *, rngs: nnx.Rngs, num_classes: int = 0, embed_dim: int = 0,
-               text: TextEncoderSpec | None = None, null_tokens: np.ndarray | None = None):
+               text: TextEncoderSpec | None = None, null_tokens: np.ndarray | None = None,
+               clip=None, train_text_encoder: bool = False):
     if kind not in KINDS:
       raise ValueError(f"cond.kind={kind!r} is not supported; choose one of {KINDS}")
     self.kind = kind
@@ -151,16 +169,39 @@ class Conditioner(nnx.Module):
                          "tokens")
       encoder = TextEncoder(text, rngs=rngs)
       self.null_tokens = tuple(int(t) for t in np.asarray(null_tokens).reshape(-1))
+    elif kind == "clip":
+      from ldm_jax.models.clip import CLIPTextTransformer
+      if clip is None or null_tokens is None:
+        raise ValueError("a clip conditioner needs the CLIPTextSpec and the empty prompt's "
+                         "tokens")
+      encoder = CLIPTextTransformer(clip, rngs=rngs)
+      if not train_text_encoder:
+        encoder = freeze(encoder)
+      self.null_tokens = tuple(int(t) for t in np.asarray(null_tokens).reshape(-1))
+      from ldm_jax.models.layers import Buffer
+      self.null_context = Buffer(jnp.zeros((1, len(self.null_tokens), clip.width),
+                                           jnp.float32))
     self.encoder = nnx.data(encoder)  # None for unconditional models
 
   @property
   def fields(self) -> tuple[str, ...]:
-    return {"none": (), "class": ("label",), "text": ("tokens",)}[self.kind]
+    return FIELDS[self.kind]
 
-  def null_fields(self, batch_size: int) -> dict:
+  def set_null_context(self) -> None:
+    """The empty prompt's context from the (frozen) encoder, for batches that carry
+    contexts instead of tokens: the cached run's caption dropout and guidance."""
+    tokens = jnp.asarray(self.null_tokens, jnp.int32)[None]
+    self.null_context[...] = jax.lax.stop_gradient(self.encoder(tokens)).astype(jnp.float32)
+
+  def null_fields(self, batch_size: int, keys=()) -> dict:
+    """The unconditional input; `keys` (the conditional side's fields) says whether a clip
+    model's batch carries tokens or encoded contexts."""
     if self.kind == "class":
       return {"label": jnp.full((batch_size,), self.encoder.null_class, jnp.int32)}
-    if self.kind == "text":
+    if self.kind == "clip" and "context" in keys:
+      context = self.null_context[...]
+      return {"context": jnp.broadcast_to(context, (batch_size,) + context.shape[1:])}
+    if self.kind in ("text", "clip"):
       return {"tokens": jnp.broadcast_to(jnp.asarray(self.null_tokens, jnp.int32),
                                          (batch_size, len(self.null_tokens)))}
     return {}
@@ -170,6 +211,10 @@ class Conditioner(nnx.Module):
     if self.kind == "class":
       return self.encoder(fields["label"])
     if self.kind == "text":
+      return self.encoder(fields["tokens"])
+    if self.kind == "clip":
+      if "context" in fields:  # encoded when the latent cache was written
+        return fields["context"].astype(jnp.float32)
       return self.encoder(fields["tokens"])
     return None
 

@@ -23,11 +23,11 @@ from ldm_jax.convert.torch_layout import export_state
 from ldm_jax.convert.pipeline import scheduler_for_schedule
 from ldm_jax.convert.unet import save_unet, to_compvis
 from ldm_jax.eval.workdir import is_ldm, load_run_config
-from ldm_jax.train import checkpoint, ldm_step
+from ldm_jax.train import checkpoint, ldm_step, sd_source
 from ldm_jax.train.autoencoder_trainer import init_latent_scaling
 from ldm_jax.train.first_stage import restore_autoencoder
 from ldm_jax.train.ldm_setup import abstract_state
-from ldm_jax.train.ldm_trainer import build_run
+from ldm_jax.train.ldm_trainer import build_run, export_pipeline
 
 FORMATS = ("diffusers", "compvis")
 
@@ -75,7 +75,11 @@ def export_ldm_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: 
   model has one, cond/ (the condition encoder's tensors and its config; it has no
   diffusers class). compvis: one .safetensors in the LDM checkpoint layout
   (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*). `first_stage`:
-  where the run's first stage is now, when it moved."""
+  where the run's first stage is now, when it moved.
+
+  A Stable Diffusion fine-tune (cond.kind "clip") exports as a pipeline instead
+  (`convert.save_pipeline`): diffusers, a folder `StableDiffusionPipeline.from_pretrained`
+  loads; compvis, one SD single file."""
   config = load_run_config(workdir, first_stage=first_stage)
   check_export_target(workdir, out, fmt, outputs.LDM, overwrite)
   checkpoint.resolve_step(workdir, step)  # a missing step fails before anything is built
@@ -86,6 +90,11 @@ def export_ldm_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: 
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         abstract_state(config, run.spec, run.programs))
   state, restored = checkpoint.restore_state_only(workdir, target, step)
+  if sd_source.is_sd(config):
+    export_pipeline(run, state, out, use_ema, overwrite=overwrite,
+                    fmt="diffusers" if fmt == "diffusers" else "single_file")
+    logging.info("exported SD fine-tune step %d to %s", restored, out)
+    return restored
   model = ldm_step.eval_model(run.programs, state, use_ema=use_ema)
   scale = float(jax.device_get(state.scale_factor))
   shift = float(jax.device_get(state.shift_factor))

@@ -47,7 +47,7 @@ def _clip_scorer(run: ldm_trainer.LDMRun):
   """eval.clip_model's scorer, or None; only text runs have captions to score against."""
   if not eval_config(run.config).clip_model:
     return None
-  if run.config.cond.kind != "text":
+  if run.config.cond.kind not in ("text", "clip"):
     raise ValueError(f"eval.clip_model (--clip_model) scores samples against their "
                      f"captions; this run has cond.kind={run.config.cond.kind!r}")
   return eval_clip_scorer(run.config, run.mesh)

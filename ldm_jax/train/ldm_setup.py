@@ -15,17 +15,33 @@ from ldm_jax.data.conditions import ConditionSpec
 from ldm_jax.data.spec import DataSpec
 from ldm_jax.data.tokenizer import make_tokenizer
 from ldm_jax.eval.setup import DEFAULTS as EVAL_DEFAULTS
-from ldm_jax.train import loop
+from ldm_jax.models.conditioners import FIELDS as CONDITION_FIELDS
+from ldm_jax.train import loop, sd_source
 from ldm_jax.train.concat import ConcatSpec
 
-FIELDS_BY_KIND = {"none": (), "class": ("label",), "text": ("tokens",)}
+FIELDS_BY_KIND = dict(CONDITION_FIELDS)
 
 
 def tokenizer(config: ml_collections.ConfigDict):
-  """The caption tokenizer of a text-conditioned config (None otherwise)."""
+  """The caption tokenizer of a text-conditioned config (None otherwise): a clip run's is
+  its pipeline's CLIP tokenizer."""
+  if config.cond.kind == "clip":
+    return sd_source.load(config).tokenizer
   if config.cond.kind != "text":
     return None
   return make_tokenizer(str(config.cond.vocab_file), int(config.cond.max_length))
+
+
+def uses_cached_context(config: ml_collections.ConfigDict) -> bool:
+  """A frozen CLIP encoder with a latent cache: the cache holds the encoder's outputs
+  ("context") and training reads them instead of running the encoder."""
+  return (config.cond.kind == "clip" and bool(config.first_stage.cache_dir)
+          and not config.cond.get("train_text_encoder", False))
+
+
+def cond_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The condition fields a training batch carries for the step."""
+  return ("context",) if uses_cached_context(config) else FIELDS_BY_KIND[config.cond.kind]
 
 
 def condition_spec(config: ml_collections.ConfigDict) -> ConditionSpec:
@@ -45,7 +61,9 @@ KNOWN_KEYS = {
                   "l_simple_weight", "original_elbo_weight"},
     "cond": {"kind", "num_classes", "embed_dim", "dropout_prob", "vocab_file", "max_length",
              "text_width", "text_depth", "text_heads", "text_head_dim", "caption_key",
-             "label_key", "concat", "low_res_factor", "full_mask_prob"},
+             "label_key", "concat", "low_res_factor", "full_mask_prob",
+             "train_text_encoder"},  # clip only
+    "pipeline": sd_source.KEYS,  # optional: SD fine-tunes (cond.kind="clip") only
     "optim": {"base_learning_rate", "scale_lr", "accumulate_grad_batches", "b1", "b2", "eps",
               "weight_decay", "warmup_steps", "grad_clip_norm", "ema_decay"},
     "sample": {"sampler", "steps", "eta", "guidance_scale", "num", "every"},
@@ -54,17 +72,37 @@ KNOWN_KEYS = {
 }
 
 
+def unet_spec(config: ml_collections.ConfigDict):
+  """The UNet's architecture: the config's `unet` block, or a clip run's pipeline's UNet."""
+  from ldm_jax.models.unet import UNetSpec
+  if sd_source.is_sd(config):
+    return sd_source.unet_spec(config, sd_source.load(config))
+  return UNetSpec.from_config(config.unet)
+
+
 def check_config(config: ml_collections.ConfigDict):
   """The UNet spec, after failing with a clear message on anything inconsistent."""
   from ldm_jax.diffusion.samplers import SAMPLERS
-  from ldm_jax.models.unet import UNetSpec
   for block, known in KNOWN_KEYS.items():
     unknown = sorted(set((config.get(block) or {}).keys()) - known)
     if unknown:
       raise ValueError(f"unknown config keys {block}.{unknown}; valid: {sorted(known)}")
-  spec = UNetSpec.from_config(config.unet)
-  data = DataSpec.from_config(config.data)  # its keys and values (batch_size >= 1, ...)
   cond = config.cond
+  if (config.get("pipeline") or {}).get("path") and not sd_source.is_sd(config):
+    raise ValueError("pipeline.path is the Stable Diffusion pipeline a cond.kind='clip' run "
+                     f"fine-tunes; this config has cond.kind={cond.kind!r}")
+  if cond.get("train_text_encoder", False):
+    if not sd_source.is_sd(config):
+      raise ValueError("cond.train_text_encoder applies to cond.kind='clip' (a 'text' "
+                       "encoder always trains with the UNet)")
+    if config.first_stage.cache_dir:
+      raise ValueError("cond.train_text_encoder=True changes the text encoder's outputs "
+                       "every step, which a latent cache cannot hold: drop "
+                       "first_stage.cache_dir (or keep the encoder frozen)")
+  if sd_source.is_sd(config):
+    sd_source.check(config, sd_source.load(config))
+  spec = unet_spec(config)
+  data = DataSpec.from_config(config.data)  # its keys and values (batch_size >= 1, ...)
   condition_spec(config)  # checks cond.kind
   concat = ConcatSpec.from_config(cond)
   if concat.kind == "inpaint" and config.first_stage.cache_dir:
@@ -77,6 +115,8 @@ def check_config(config: ml_collections.ConfigDict):
     raise ValueError("cond.kind='class' needs cond.num_classes >= 2 (the classes plus the "
                      "null class used for guidance)")
   width = {"class": cond.embed_dim, "text": cond.text_width}.get(cond.kind)
+  if sd_source.is_sd(config):
+    width = sd_source.load(config).text_encoder.spec.width
   if width is not None and spec.context_dim != width:
     raise ValueError(f"unet.context_dim={spec.context_dim} must equal the condition "
                      f"encoder's width {width} (cond.embed_dim / cond.text_width)")
@@ -107,7 +147,8 @@ def check_config(config: ml_collections.ConfigDict):
     raise ValueError(f"first_stage.scale_factor={first.scale_factor} must be > 0")
   if not 0 <= config.cond.dropout_prob < 1:
     raise ValueError(f"cond.dropout_prob={config.cond.dropout_prob} must be in [0, 1)")
-  if not (config.first_stage.path or config.first_stage.cache_dir):
+  if not (config.first_stage.path or config.first_stage.cache_dir
+          or sd_source.is_sd(config)):
     raise ValueError("set first_stage.path to the autoencoder (an ldm_jax workdir or PyTorch "
                      "weights), or first_stage.cache_dir to a latent cache")
   return spec
@@ -132,7 +173,11 @@ def build_model(config: ml_collections.ConfigDict, spec, seed: int):
   from ldm_jax.models.ldm import LatentDiffusion
   rngs = nnx.Rngs(seed)
   cond = config.cond
-  text, null_tokens = None, None
+  text, null_tokens, clip = None, None, None
+  if cond.kind == "clip":  # sd_source.load ran before any tracing (abstract_model)
+    pipe = sd_source.load(config)
+    clip = sd_source.text_spec(config, pipe, spec)
+    null_tokens = pipe.tokenizer([""])[0]
   if cond.kind == "text":
     tok = tokenizer(config)
     text = TextEncoderSpec(vocab_size=tok.vocab_size, max_length=int(cond.max_length),
@@ -141,7 +186,9 @@ def build_model(config: ml_collections.ConfigDict, spec, seed: int):
                            dtype=spec.dtype, remat=spec.remat)
     null_tokens = tok([""])[0]
   conditioner = Conditioner(cond.kind, rngs=rngs, num_classes=int(cond.num_classes),
-                            embed_dim=int(cond.embed_dim), text=text, null_tokens=null_tokens)
+                            embed_dim=int(cond.embed_dim), text=text, null_tokens=null_tokens,
+                            clip=clip,
+                            train_text_encoder=bool(cond.get("train_text_encoder", False)))
   return LatentDiffusion(spec, conditioner, int(config.diffusion.timesteps),
                          learn_logvar=bool(config.diffusion.learn_logvar),
                          logvar_init=float(config.diffusion.logvar_init), rngs=rngs)
@@ -152,17 +199,24 @@ def abstract_model(config: ml_collections.ConfigDict, spec):
   and a command needs it several times (programs, state, restore target), so it is traced
   once per architecture and process; each call gets its own copy."""
   from flax import nnx
+  source = {}
+  if sd_source.is_sd(config):
+    sd_source.load(config)  # loaded (and cached) here, never inside the traced init
+    source = {"first_stage": {"path": config.first_stage.path},
+              "pipeline": config.get("pipeline", ml_collections.ConfigDict()).to_dict()}
   parts = _abstract_model_parts(spec, config.cond.to_json(sort_keys=True),
-                                config.diffusion.to_json(sort_keys=True))
+                                config.diffusion.to_json(sort_keys=True),
+                                json.dumps(source, sort_keys=True))
   return nnx.merge(*parts, copy=True)
 
 
 @functools.lru_cache(maxsize=8)
-def _abstract_model_parts(spec, cond_json: str, diffusion_json: str):
+def _abstract_model_parts(spec, cond_json: str, diffusion_json: str, source_json: str = "{}"):
   # The key is all build_model reads: keep it in step when build_model reads more.
   from flax import nnx
   config = ml_collections.ConfigDict({"cond": json.loads(cond_json),
-                                      "diffusion": json.loads(diffusion_json)})
+                                      "diffusion": json.loads(diffusion_json),
+                                      **json.loads(source_json)})
   return nnx.split(nnx.eval_shape(lambda: build_model(config, spec, 0)))
 
 
@@ -181,7 +235,7 @@ def build_programs(config: ml_collections.ConfigDict, first_stage_def):
       model_def=model_def, first_stage_def=first_stage_def, tx=adamw(config.optim, lr),
       schedule=Schedule.from_config(config.diffusion),
       loss=DiffusionLossConfig.from_config(config.diffusion),
-      cond_fields=FIELDS_BY_KIND[config.cond.kind],
+      cond_fields=cond_fields(config),
       concat=ConcatSpec.from_config(config.cond),
       cond_dropout=float(config.cond.dropout_prob), ema_decay=float(config.optim.ema_decay))
   return spec, programs

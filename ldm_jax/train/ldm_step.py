@@ -1,7 +1,9 @@
 """The LDM train state and its jit-compiled update.
 
 What trains: the UNet, the condition encoder (class embedder or text transformer, trained
-jointly as in the paper) and, with learn_logvar, the per-timestep log-variance. The first
+jointly as in the paper; a Stable Diffusion fine-tune's CLIP encoder only with
+cond.train_text_encoder, its weights otherwise in `rest`) and, with learn_logvar, the
+per-timestep log-variance. The first
 stage is frozen and passed to the step as a separate, replicated argument; the latent
 `scale_factor` lives in the state, so a resumed run keeps the one scale_by_std chose.
 Concat inputs (`cond.concat`: low-res images, inpainting masks) are made inside the step
@@ -136,7 +138,7 @@ def make_train_step(programs: LDMPrograms) -> Callable:
 
     def loss_fn(params):
       model = merge(programs.model_def, params, state.rest)
-      used = drop_conditions(fields, model.cond.null_fields(z.shape[0]),
+      used = drop_conditions(fields, model.cond.null_fields(z.shape[0], tuple(fields)),
                              programs.cond_dropout, drop_key)
       conditions = model.encode_conditions(used, concat)
       apply = lambda x_t, t: model.denoise(x_t, t, conditions)

@@ -26,7 +26,7 @@ from ldm_jax.data.pipeline import train_iterator
 from ldm_jax.data.sources import check_data
 from ldm_jax.data.spec import DataSpec
 from ldm_jax.diffusion import samplers
-from ldm_jax.train import first_stage, ldm_step
+from ldm_jax.train import first_stage, ldm_step, sd_source
 from ldm_jax.train import concat as concat_lib
 from ldm_jax import mesh as mesh_lib
 from ldm_jax.train import loop
@@ -56,28 +56,16 @@ class LDMRun:
 def build_run(config: ml_collections.ConfigDict, workdir: str,
               check_training_data: bool = True) -> LDMRun:
   """Loads and checks everything; nothing is compiled yet."""
-  if not config.first_stage.path:
-    raise ValueError("set first_stage.path: the autoencoder that made (or decodes) the "
-                     "latents, an ldm_jax workdir or PyTorch weights")
   data = DataSpec.from_config(config.data)
   if check_training_data and not config.first_stage.cache_dir:
     check_data(data)
   layout = mesh_lib.Layout.from_config(config.train)
   global_batch = data.batch_size
   mesh_lib.check_batch(global_batch, layout.mesh)
-  source = str(config.first_stage.path)
-  if not fs.exists(source):
-    raise FileNotFoundError(
-        f"the first stage {source} (first_stage.path) does not exist: if it moved, give its "
-        f"new place with --first_stage=PATH (sample, export, evaluate) or "
-        f"--config.first_stage.path=PATH (training)")
-  autoencoder = first_stage.load_first_stage(source)
-  if autoencoder.spec.kind != config.first_stage.kind:
-    raise ValueError(f"first_stage.kind={config.first_stage.kind!r} but "
-                     f"{config.first_stage.path} holds a {autoencoder.spec.kind!r} model")
-  if autoencoder.spec.downsample_factor != config.first_stage.downsample_factor:
-    raise ValueError(f"first_stage.downsample_factor={config.first_stage.downsample_factor} "
-                     f"but the autoencoder downsamples by {autoencoder.spec.downsample_factor}")
+  if sd_source.is_sd(config):
+    autoencoder = sd_source.load(config).vae  # the pipeline's VAE is the first stage
+  else:
+    autoencoder = _load_first_stage(config)
   fs_def, fs_state = nnx.split(autoencoder)
   spec, programs = build_programs(config, fs_def)
   latent_channels = autoencoder.spec.embed_dim
@@ -91,6 +79,26 @@ def build_run(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f"unet.out_channels={spec.out_channels} but the first stage's latents "
                      f"have {latent_channels} channels")
   return LDMRun(config, workdir, data, spec, programs, layout, autoencoder, fs_state, global_batch)
+
+
+def _load_first_stage(config: ml_collections.ConfigDict):
+  if not config.first_stage.path:
+    raise ValueError("set first_stage.path: the autoencoder that made (or decodes) the "
+                     "latents, an ldm_jax workdir or PyTorch weights")
+  source = str(config.first_stage.path)
+  if not fs.exists(source):
+    raise FileNotFoundError(
+        f"the first stage {source} (first_stage.path) does not exist: if it moved, give its "
+        f"new place with --first_stage=PATH (sample, export, evaluate) or "
+        f"--config.first_stage.path=PATH (training)")
+  autoencoder = first_stage.load_first_stage(source)
+  if autoencoder.spec.kind != config.first_stage.kind:
+    raise ValueError(f"first_stage.kind={config.first_stage.kind!r} but "
+                     f"{config.first_stage.path} holds a {autoencoder.spec.kind!r} model")
+  if autoencoder.spec.downsample_factor != config.first_stage.downsample_factor:
+    raise ValueError(f"first_stage.downsample_factor={config.first_stage.downsample_factor} "
+                     f"but the autoencoder downsamples by {autoencoder.spec.downsample_factor}")
+  return autoencoder
 
 
 def _iterator(run: LDMRun):
@@ -128,7 +136,7 @@ def make_sampler(run: LDMRun, tile: int = 0, overlap: float = 0.25):
     x = jax.random.normal(noise_key, (num, size, size, channels), jnp.float32)
     cross = {k: fields[k] for k in programs.cond_fields}
     concat = ldm_step.concat_input(programs, fields, x.shape, fs_state, state.latent_norm)
-    uncond = negative if negative is not None else model.cond.null_fields(num)
+    uncond = negative if negative is not None else model.cond.null_fields(num, tuple(cross))
     # The conditions do not change along the sampling loop: encode them once. The concat
     # input is the same on both sides of guidance.
     fn = samplers.guided(model.denoise, model.encode_conditions(cross, concat),
@@ -197,9 +205,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
   evaluation = training_evaluation(run)  # FID / IS; None without eval.inception_weights
   programs = run.programs
   seed = int(config.train.seed)
-  scale, shift = first_stage.initial_normalization(config.first_stage)
-  state = ldm_step.new_state(build_model(config, run.spec, seed), programs, scale, seed,
-                             shift_factor=shift)
+  model = build_model(config, run.spec, seed)
+  if sd_source.is_sd(config):
+    pipe = sd_source.load(config)
+    sd_source.initial_weights(model, pipe)  # the fine-tune starts from the pipeline's
+    model.cond.set_null_context()
+    scale, shift = pipe.latent_norm
+    check_export_target(workdir)
+  else:
+    scale, shift = first_stage.initial_normalization(config.first_stage)
+  state = ldm_step.new_state(model, programs, scale, seed, shift_factor=shift)
   logging.info("LDM: %s; learning rate %.3g", ldm_step.describe(programs),
                learning_rate(config.optim, run.global_batch))
 
@@ -243,7 +258,43 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
       name="LDM", layout=run.layout, state=state, guarded=ldm_step.GUARDED,
       make_iterator=lambda: _iterator(run), images_per_step=run.global_batch,
       learning_rate=lambda step: float(schedule(step)),
-      start=start, console_keys=("loss",))
+      start=start, console_keys=("loss",),
+      **({} if not sd_source.is_sd(config) else dict(
+          export=lambda state: export_pipeline(run, state, pipeline_export_path(workdir)),
+          export_exists=lambda: fs.exists(pipeline_export_path(workdir)))))
+
+
+def pipeline_export_path(workdir: str) -> str:
+  """Where an SD fine-tune writes its diffusers pipeline at the end."""
+  return fs.join(workdir, "export", "pipeline")
+
+
+def check_export_target(workdir: str) -> None:
+  """Fails before training when the end-of-run export could not replace what is there."""
+  from ldm_jax import outputs
+  outputs.check_target(pipeline_export_path(workdir), outputs.LDM)
+
+
+def trained_pipeline(run: LDMRun, state, use_ema: bool = True):
+  """An SD run's state as an `ldm_jax.sd.Pipeline`: the trained UNet (EMA weights when
+  kept) and text encoder, the VAE, tokenizer and scheduler of the source pipeline, the
+  state's latent scale and shift."""
+  import dataclasses
+
+  source = sd_source.load(run.config)
+  model = ldm_step.eval_model(run.programs, state, use_ema=use_ema)
+  scale, shift = (float(jax.device_get(v)) for v in state.latent_norm)
+  return dataclasses.replace(source, unet=model.unet, text_encoder=model.cond.encoder,
+                             vae=run.first_stage, latent_scale=scale, latent_shift=shift)
+
+
+def export_pipeline(run: LDMRun, state, out: str, use_ema: bool = True, *,
+                    fmt: str = "diffusers", overwrite: bool = False) -> None:
+  """Writes an SD run as a pipeline `StableDiffusionPipeline.from_pretrained` loads
+  (fmt "diffusers"), or as one SD single file ("single_file")."""
+  from ldm_jax.convert.pipeline import save_pipeline
+  save_pipeline(trained_pipeline(run, state, use_ema), out, format=fmt, overwrite=overwrite)
+  logging.info("exported the fine-tuned pipeline to %s", out)
 
 
 class SampleGrid:

@@ -30,7 +30,7 @@ REFUSED = ("stage", "model.", "unet.", "cond.", "loss.", "diffusion.", "data.ima
            "data.batch_size", "optim.accumulate_grad_batches", "train.decoder_only",
            "first_stage.kind", "first_stage.downsample_factor", "first_stage.scale_by_std",
            "first_stage.scale_factor", "first_stage.shift_factor", "first_stage.shift_by_mean",
-           "first_stage.latent_scaling")
+           "first_stage.latent_scaling", "pipeline.prediction_type")
 # Keys that only steer the loop or its reports: changed freely, logged at INFO.
 HARMLESS = ("train.num_steps", "train.log_every", "train.eval_every", "train.ckpt_every",
             "train.keep_checkpoints", "train.eval_examples", "train.on_nonfinite",
@@ -41,11 +41,13 @@ HARMLESS = ("train.num_steps", "train.log_every", "train.eval_every", "train.ckp
             "train.max_unsharded_fraction",
             "eval.", "sample.", "data.read_threads",
             # files that may move between runs (their contents are the user's to keep)
-            "first_stage.path", "loss.lpips_weights", "cond.vocab_file")
+            "first_stage.path", "loss.lpips_weights", "cond.vocab_file",
+            "pipeline.path", "pipeline.tokenizer")  # an SD fine-tune's source pipeline
 # Files and folders named by a config (made absolute; moving one is not a new run).
 PATH_KEYS = ("first_stage.path", "first_stage.cache_dir", "train.init_from",
              "loss.lpips_weights", "eval.inception_weights", "eval.reference_stats",
-             "cond.vocab_file", "data.data_dir", "eval.clip_model")
+             "cond.vocab_file", "data.data_dir", "eval.clip_model", "pipeline.path",
+             "pipeline.tokenizer")
 DATA_PATH_SOURCES = ("folder", "arrayrecord")  # where data.path is a path, not a TFDS name
 
 

@@ -21,7 +21,7 @@ def condition_fields(config, num: int, class_id: int | None, prompt: str | None)
     if not 0 <= class_id < config.cond.num_classes:
       raise ValueError(f"--class_id must be in [0, {config.cond.num_classes})")
     return {"label": np.full((num,), class_id, np.int32)}
-  if kind == "text":
+  if kind in ("text", "clip"):  # clip: an SD fine-tune, tokenized by its pipeline
     if prompt is None:
       raise ValueError("this model is text-conditional: pass --prompt=TEXT")
     return {"tokens": np.repeat(tokenizer(config)([prompt]), num, axis=0)}
