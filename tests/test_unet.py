@@ -59,8 +59,9 @@ def _inputs(spec, seed=0, size=16):
 
 def _diffusers(spec, seed=0):
   from diffusers import UNet2DConditionModel
-  config = {k: v for k, v in diffusers_config(spec).items() if not k.startswith("_")}
-  model = UNet2DConditionModel(sample_size=16, **config).eval()
+  config = {k: v for k, v in diffusers_config(spec, sample_size=16).items()
+            if not k.startswith("_")}
+  model = UNet2DConditionModel(**config).eval()
   torch.manual_seed(seed)
   with torch.no_grad():  # every weight random, so no zero init can hide a wrong formula
     for p in model.parameters():

@@ -73,7 +73,7 @@ class AutoencoderSpec:
       for width in sorted({self.ch * m for m in self.ch_mult}):
         if width % self.norm_num_groups:
           problems.append(f"channel width {width} (ch * ch_mult) is not a multiple of "
-                          f"norm_num_groups={self.norm_num_groups}, which GroupNorm needs")
+                          f"{self.norm_num_groups} (norm_num_groups), which GroupNorm needs")
     # Without a quant conv nothing maps between the encoder/decoder width (z_channels)
     # and the latent (embed_dim), so the two must agree.
     for flag, joins in (("use_quant_conv", "the encoder output straight to the latent"),
