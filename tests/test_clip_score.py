@@ -21,7 +21,7 @@ from ldm_jax.eval.workdir import markdown_table
 
 from sd_fixtures import PROMPTS, perturb, vocab_size, write_tokenizer
 
-transformers = pytest.importorskip("transformers")
+import transformers  # the [test] extra installs it
 VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
               num_hidden_layers=2, num_attention_heads=4)
 CAPTIONS = (*PROMPTS, "a red dog", "the moon painting")

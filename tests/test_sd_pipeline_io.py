@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+import diffusers  # the [test] extra installs it (and torch)
+import torch
 
 import sd_fixtures as fx  # noqa: E402
 from ldm_jax.convert.pipeline import PipelineError, load_pipeline, save_pipeline  # noqa: E402

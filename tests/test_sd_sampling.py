@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+import diffusers  # the [test] extra installs it (and torch)
+import torch
 
 from conftest import cpu_env  # noqa: E402
 from sd_fixtures import PROMPTS, build_diffusers_pipeline  # noqa: E402
