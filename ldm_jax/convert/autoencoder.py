@@ -13,9 +13,9 @@ import numpy as np
 
 from ldm_jax import fs, outputs
 from ldm_jax.convert import keymaps
-from ldm_jax.convert.files import (DIFFUSERS_WEIGHTS, WeightFileError, read_safetensors_metadata,
-                                   read_tensors, strip_nesting, write_diffusers_folder,
-                                   write_safetensors)
+from ldm_jax.convert.files import (DIFFUSERS_WEIGHTS, WeightFileError, read_json_object,
+                                   read_safetensors_metadata, read_tensors, strip_nesting,
+                                   write_diffusers_folder, write_safetensors)
 from ldm_jax.convert.torch_layout import (StateMismatchError, export_state, import_state,
                                           torch_leaves)
 from ldm_jax.models.autoencoder import (AutoencoderSpec, abstract_autoencoder,
@@ -92,15 +92,7 @@ def _diffusers_folder(path):
 
 def _read_diffusers_config(folder) -> dict:
   config_file = folder / "config.json"
-  if not config_file.is_file():
-    return {}
-  try:
-    config = json.loads(config_file.read_text())
-  except ValueError as err:
-    raise WeightFileError(f"{config_file} is not valid JSON: {err}") from err
-  if not isinstance(config, dict):
-    raise WeightFileError(f"{config_file} holds a {type(config).__name__}, not an object")
-  return config
+  return read_json_object(config_file) if config_file.is_file() else {}
 
 
 def diffusers_latent_scaling(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -26,6 +26,20 @@ class WeightFileError(ValueError):
   """The weight file is missing, unreadable or of an unknown kind."""
 
 
+def read_json_object(path, error: type[ValueError] = WeightFileError) -> dict:
+  """A JSON file holding one object (a config.json, model_index.json, ...), as a dict;
+  `error` (a ValueError) names the file when it is not valid JSON or not an object."""
+  # A path object (pathlib, or etils.epath for gs://) reads itself; a string goes through fs.
+  text = path.read_text() if hasattr(path, "read_text") else fs.read_text(path)
+  try:
+    value = json.loads(text)
+  except ValueError as err:
+    raise error(f"{path} is not valid JSON: {err}") from err
+  if not isinstance(value, dict):
+    raise error(f"{path} holds a {type(value).__name__}, not an object")
+  return value
+
+
 def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """All tensors of a safetensors or torch checkpoint file as NumPy (float types as float32).
 

@@ -36,8 +36,9 @@ from ldm_jax.convert.autoencoder import (AutoencoderWeights, _with_options,
                                          autoencoder_from_weights, diffusers_config as
                                          vae_diffusers_config, infer_spec as infer_vae_spec,
                                          read_autoencoder_weights)
-from ldm_jax.convert.files import (DIFFUSERS_WEIGHTS, WeightFileError, read_safetensors_metadata,
-                                   read_tensors, write_diffusers_folder, write_safetensors)
+from ldm_jax.convert.files import (DIFFUSERS_WEIGHTS, WeightFileError, read_json_object,
+                                   read_safetensors_metadata, read_tensors,
+                                   write_diffusers_folder, write_safetensors)
 from ldm_jax.convert.text_encoder import (SD1_PREFIX, SD2_PREFIX, detect_layout,
                                           load_text_encoder, to_open_clip, transformers_config)
 from ldm_jax.convert.torch_layout import StateMismatchError, export_state, import_state
@@ -125,13 +126,7 @@ def _prediction_type(name: str) -> str:
 
 
 def _json(file: Path) -> dict:
-  try:
-    value = json.loads(file.read_text())
-  except ValueError as err:
-    raise PipelineError(f"{file} is not valid JSON: {err}") from err
-  if not isinstance(value, dict):
-    raise PipelineError(f"{file} holds a {type(value).__name__}, not an object")
-  return value
+  return read_json_object(file, PipelineError)
 
 
 def _load_folder(path: Path, tokenizer, dtype: str) -> Pipeline:

@@ -27,7 +27,7 @@ import re
 import numpy as np
 
 from ldm_jax import fs, outputs
-from ldm_jax.convert.files import WeightFileError, read_tensors
+from ldm_jax.convert.files import WeightFileError, read_json_object, read_tensors
 from ldm_jax.convert.torch_layout import StateMismatchError, export_state, import_state
 from ldm_jax.models.clip import (ACTIVATIONS, OUTPUT_LAYERS, CLIPTextSpec, CLIPTextTransformer,
                                  abstract_clip_text)
@@ -120,13 +120,7 @@ def _read_config(folder) -> dict:
   if not config_file.is_file():
     raise WeightFileError(f"{folder} has no config.json (nor text_encoder/config.json); a "
                           "text encoder folder is what transformers' save_pretrained writes")
-  try:
-    config = json.loads(config_file.read_text())
-  except ValueError as err:
-    raise WeightFileError(f"{config_file} is not valid JSON: {err}") from err
-  if not isinstance(config, dict):
-    raise WeightFileError(f"{config_file} holds a {type(config).__name__}, not an object")
-  return config
+  return read_json_object(config_file)
 
 
 def _read_folder_tensors(folder) -> dict[str, np.ndarray]:
