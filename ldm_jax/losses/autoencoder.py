@@ -100,6 +100,13 @@ def adopt_weight(weight: float, step: jax.Array, threshold: int) -> jax.Array:
   return jnp.where(step < threshold, 0.0, weight)
 
 
+def gan_active(cfg: LossConfig, step: int) -> bool:
+  """Whether the GAN terms count at (host) `step`: before `disc_start`, or with
+  `disc_factor` 0, the reference multiplies them by 0, and the train step leaves the
+  discriminator out (`autoencoder_step.make_train_step(gan=False)`)."""
+  return cfg.disc_factor != 0 and step >= cfg.disc_start
+
+
 def adaptive_weight(nll_grad: jax.Array, g_grad: jax.Array, disc_weight: float) -> jax.Array:
   """Balances the GAN term against the reconstruction at the decoder's last layer."""
   ratio = jnp.linalg.norm(nll_grad) / (jnp.linalg.norm(g_grad) + 1e-4)
@@ -122,14 +129,17 @@ def reconstruction_loss(cfg: LossConfig, x: jax.Array, xrec: jax.Array,
 
 def generator_loss(cfg: LossConfig, *, x: jax.Array, features: jax.Array,
                    last_kernel: jax.Array, to_image: Callable[[jax.Array, jax.Array], jax.Array],
-                   regularizer: DiagonalGaussian | jax.Array, discriminator: Callable,
+                   regularizer: DiagonalGaussian | jax.Array, discriminator: Callable | None,
                    lpips: Callable | None, step: jax.Array):
   """The autoencoder's objective and its logged terms.
 
   `to_image(kernel, features)` applies the decoder's last conv with `kernel`, so the
   adaptive weight can take gradients of the NLL and GAN terms with respect to that layer
   alone (the reference's `calculate_adaptive_weight`). `regularizer` is the posterior
-  (KL models) or the codebook loss (VQ models).
+  (KL models) or the codebook loss (VQ models). `discriminator=None` leaves the GAN term
+  out (before `disc_start`, where the reference multiplies it by 0): the loss and its
+  gradients are the same, without the discriminator's forward pass and the adaptive
+  weight's vjp; `g_loss` and `d_weight` then read 0.
   """
   is_kl = isinstance(regularizer, DiagonalGaussian)
   batch = x.shape[0]
@@ -142,16 +152,22 @@ def generator_loss(cfg: LossConfig, *, x: jax.Array, features: jax.Array,
       nll_loss = jnp.sum(nll) / batch
     else:
       nll_loss = jnp.mean(rec)
+    if discriminator is None:
+      return (nll_loss, jnp.zeros((), jnp.float32)), (xrec, rec, pixel, p_loss)
     g_loss = -jnp.mean(discriminator(xrec).astype(jnp.float32))
     return (nll_loss, g_loss), (xrec, rec, pixel, p_loss)
 
-  (nll_loss, g_loss), vjp, (xrec, rec, pixel, p_loss) = jax.vjp(heads, last_kernel,
-                                                                has_aux=True)
-  (nll_grad,) = vjp((jnp.ones_like(nll_loss), jnp.zeros_like(g_loss)))
-  (g_grad,) = vjp((jnp.zeros_like(nll_loss), jnp.ones_like(g_loss)))
-  d_weight = adaptive_weight(nll_grad, g_grad, cfg.disc_weight)
   disc_factor = adopt_weight(cfg.disc_factor, step, cfg.disc_start)
-  gan_term = d_weight * disc_factor * g_loss
+  if discriminator is None:
+    (nll_loss, g_loss), (xrec, rec, pixel, p_loss) = heads(last_kernel)
+    d_weight = gan_term = jnp.zeros((), jnp.float32)
+  else:
+    (nll_loss, g_loss), vjp, (xrec, rec, pixel, p_loss) = jax.vjp(heads, last_kernel,
+                                                                  has_aux=True)
+    (nll_grad,) = vjp((jnp.ones_like(nll_loss), jnp.zeros_like(g_loss)))
+    (g_grad,) = vjp((jnp.zeros_like(nll_loss), jnp.ones_like(g_loss)))
+    d_weight = adaptive_weight(nll_grad, g_grad, cfg.disc_weight)
+    gan_term = d_weight * disc_factor * g_loss
   # rec_loss as the reference logs it (and its configs monitor): the mean of the pixel
   # term plus perceptual_weight * LPIPS; pixel_loss: the pixel term alone (|x - xrec|, or
   # its square with pixel_loss="mse").

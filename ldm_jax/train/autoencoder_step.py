@@ -224,13 +224,14 @@ def discriminate_pair(disc: NLayerDiscriminator, real: jax.Array, fake: jax.Arra
 
 
 def generator_objective(programs: Programs, state: TrainState, lpips, x: jax.Array,
-                        key: jax.Array, disc_rest, transform: tuple[float, Any] | None = None):
+                        key: jax.Array, disc_rest, transform: tuple[float, Any] | None = None,
+                        gan: bool = True):
   """`(loss_fn, target)`: the generator's `loss_fn(params) -> (loss, (metrics, xrec))` on
   one micro-batch, and the image its reconstruction is compared with.
 
   `transform=(scale, turns)` is EQ-VAE's tau (`scale` static, `turns` may be traced): the
   reconstruction terms compare decode(tau(z)) with `target` = tau(x); None is the plain
-  loss (`target` is `x`).
+  loss (`target` is `x`). `gan=False` leaves the GAN term out (see `make_train_step`).
   """
   cfg = programs.loss
   target, latent_transform = x, None
@@ -249,20 +250,30 @@ def generator_objective(programs: Programs, state: TrainState, lpips, x: jax.Arr
     return generator_loss(
         cfg, x=target, features=features, last_kernel=model.decoder.conv_out.kernel[...],
         to_image=lambda k, f: model.decoder.to_image(f, k), regularizer=regularizer,
-        discriminator=_pure_discriminator(programs, state.disc_params, disc_rest),
+        discriminator=(_pure_discriminator(programs, state.disc_params, disc_rest)
+                       if gan else None),
         lpips=lpips_fn, step=state.step)
 
   return loss_fn, target
 
 
 def micro_batch_grads(programs: Programs, state: TrainState, lpips, x: jax.Array,
-                      key: jax.Array, disc_rest, transform: tuple[float, Any] | None = None):
+                      key: jax.Array, disc_rest, transform: tuple[float, Any] | None = None,
+                      gan: bool = True):
   """Gradients of both players on one micro-batch, their metrics, and the discriminator's
   statistics after it: `((g_grads, d_grads, metrics), disc_rest)`. With an EQ-VAE
-  `transform` the discriminator sees the transformed pair (see `generator_objective`)."""
+  `transform` the discriminator sees the transformed pair (see `generator_objective`).
+  `gan=False`: the discriminator does not run; its gradients are zeros, as the reference's
+  are before `disc_start`, and its metrics read 0."""
   cfg = programs.loss
-  loss_fn, target = generator_objective(programs, state, lpips, x, key, disc_rest, transform)
+  loss_fn, target = generator_objective(programs, state, lpips, x, key, disc_rest, transform,
+                                        gan)
   (_, (g_metrics, xrec)), g_grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if not gan:
+    zero = jnp.zeros((), jnp.float32)
+    d_metrics = {"disc_loss": zero, "logits_real": zero, "logits_fake": zero}
+    d_grads = jax.tree.map(jnp.zeros_like, state.disc_params)
+    return (g_grads, d_grads, {**g_metrics, **d_metrics}), disc_rest
 
   def disc_loss_fn(disc_params):
     disc = merge(programs.disc_def, disc_params, disc_rest)
@@ -275,8 +286,16 @@ def micro_batch_grads(programs: Programs, state: TrainState, lpips, x: jax.Array
   return (g_grads, d_grads, {**g_metrics, **d_metrics}), disc_rest
 
 
-def make_train_step(programs: Programs) -> Callable:
-  """step(state, batch, lpips_state) -> (state, metrics); batch["image"] is [A, B, H, W, 3]."""
+def make_train_step(programs: Programs, gan: bool = True) -> Callable:
+  """step(state, batch, lpips_state) -> (state, metrics); batch["image"] is [A, B, H, W, 3].
+
+  `gan=False` is the step for `losses.autoencoder.gan_active(...)` False (before
+  `disc_start`): the reference runs the discriminator there and multiplies its terms by 0,
+  this step does not run it (about a third of the kl-f8 demo step's time). The update is
+  the same: zero discriminator gradients still go through its Adam (whose step count, and
+  so its bias correction at `disc_start`, stay the reference's); only BatchNorm's running
+  averages, which nothing in training reads, start moving at `disc_start` instead.
+  """
   cfg = programs.loss
 
   def step_fn(state: TrainState, batch: dict, lpips_state) -> tuple[TrainState, dict]:
@@ -293,7 +312,8 @@ def make_train_step(programs: Programs) -> Callable:
     def micro_step(x, index, disc_rest):
       """Gradients of both players on one micro-batch."""
       key = jax.random.fold_in(step_key, index)
-      run = functools.partial(micro_batch_grads, programs, state, lpips, x, key)
+      run = lambda rest, transform=None: micro_batch_grads(
+          programs, state, lpips, x, key, rest, transform, gan)
       if cfg.eq_vae_prob <= 0:
         return run(disc_rest)
       # One branch per scale, each at its own static shapes; only the drawn one runs.
@@ -352,14 +372,14 @@ def make_train_step(programs: Programs) -> Callable:
 
 
 def jit_train_step(programs: Programs, layout: mesh_lib.Layout, state_shardings,
-                   lpips_state=None):
+                   lpips_state=None, gan: bool = True):
   """The step compiled over `layout`'s mesh: state sharded by its rules and donated, batch
   split along its second axis ([A, B, H, W, 3]), activations constrained at the models'
-  block boundaries, LPIPS replicated."""
+  block boundaries, LPIPS replicated. `gan`: see `make_train_step`."""
   replicated = mesh_lib.replicated(layout.mesh)
   batch = {"image": layout.batch_sharding(leading_dims=1)}
   lpips = jax.tree.map(lambda _: replicated, lpips_state)
-  return jax.jit(layout.constrained(make_train_step(programs)),
+  return jax.jit(layout.constrained(make_train_step(programs, gan)),
                  in_shardings=(state_shardings, batch, lpips),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 

@@ -30,7 +30,7 @@ from ldm_jax.data.sources import check_data
 from ldm_jax.data.spec import DataSpec
 from ldm_jax.eval.reconstruction import ReconstructionEvaluator, summary_line
 from ldm_jax.eval.setup import eval_networks
-from ldm_jax.losses.autoencoder import LossConfig
+from ldm_jax.losses.autoencoder import LossConfig, gan_active
 from ldm_jax.models.autoencoder import AutoencoderSpec, build_autoencoder
 from ldm_jax.models.lpips import make_lpips
 from ldm_jax.train import autoencoder_step as step_lib
@@ -179,11 +179,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
 
   def start(state, iterator, shardings) -> loop.Started:
     batch_sharding = run.layout.batch_sharding(leading_dims=1)
-    compiled = step_lib.jit_train_step(run.programs, run.layout, shardings, run.lpips_state)
+    # Two programs: without the discriminator before disc_start, with it after. jax.jit
+    # compiles each on its first call, so a run compiles the second when the GAN joins.
+    compiled = {gan: step_lib.jit_train_step(run.programs, run.layout, shardings,
+                                             run.lpips_state, gan=gan)
+                for gan in (False, True)}
 
-    def train_step(state):
+    def train_step(state, step):
       batch = _next_update_batch(iterator, run.accumulate, batch_sharding, global_shape)
-      return compiled(state, batch, run.lpips_state)
+      gan = gan_active(run.programs.loss, step)
+      return compiled[gan](state, batch, run.lpips_state)
 
     if config.train.init_from:  # the workdir exists now; the source may not stay
       record_latent_scaling(workdir, latent_scaling)

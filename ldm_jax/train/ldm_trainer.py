@@ -243,7 +243,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
                  float(jax.device_get(state.scale_factor)))
     compiled = ldm_step.jit_train_step(programs, run.layout, shardings, first, fs_state)
 
-    def train_step(state):
+    def train_step(state, step):
+      del step  # one program for every step
       local = pending.pop() if pending else next(iterator)
       return compiled(state, mesh_lib.global_batch(local, batch_sharding), fs_state)
 

@@ -76,7 +76,9 @@ class Started:
   """What a stage makes once the state is restored (it may depend on it)."""
 
   state: Any  # the state to train from (scale_by_std may have set the latent scale)
-  train_step: Callable[[Any], tuple[Any, dict]]  # state -> (state, metrics): one update
+  # (state, step) -> (state, metrics): one update; `step` is the state's step on the host,
+  # for stages whose program changes with it (the autoencoder's GAN start)
+  train_step: Callable[[Any, int], tuple[Any, dict]]
   actions: list[tuple[int, Action]]  # (every N steps, action); also at step 0 and the end
 
 
@@ -140,7 +142,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   try:
     while step < num_steps:
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = started.train_step(state)
+        state, metrics = started.train_step(state, step)
       step += 1
       nonfinite.add(metrics.pop("guard"))
       totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
