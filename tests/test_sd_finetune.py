@@ -128,6 +128,25 @@ def test_cached_run_equals_the_run_from_images(pipeline, trained, tmp_path):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-4)
 
 
+def test_text_encoder_trains_when_asked_and_is_exported(pipeline, tmp_path):
+  """cond.train_text_encoder=True: the text encoder's weights are optimized with the UNet
+  and the exported pipeline carries the trained ones."""
+  from ldm_jax.convert import load_pipeline
+  workdir = tmp_path / "run"
+  config = _config(pipeline, num_steps=1)
+  config.cond.train_text_encoder = True
+  metrics = ldm_trainer.train_and_evaluate(config, str(workdir))
+  assert np.isfinite(metrics["train/loss"])
+  run, state, step = _saved_state(workdir)
+  model = ldm_trainer.ldm_step.eval_model(run.programs, state, use_ema=False)
+  assert jax.tree.leaves(nnx.state(model.cond.encoder, nnx.Param))  # optimized now
+  text, text0 = _flat(model.cond.encoder), _flat(load_pipeline(pipeline).text_encoder)
+  assert max(np.abs(text[k] - text0[k]).max() for k in text0) > 1e-4
+  exported = _flat(load_pipeline(os.path.join(workdir, "export", "pipeline")).text_encoder)
+  ema = _flat(ldm_trainer.ldm_step.eval_model(run.programs, state).cond.encoder)
+  assert all(np.array_equal(exported[k], ema[k]) for k in ema)  # the run's (EMA) weights
+
+
 def test_bad_configs_are_refused(pipeline, tmp_path):
   from ldm_jax.train.ldm_setup import check_config
   not_a_pipeline = tmp_path / "empty"
