@@ -18,6 +18,7 @@ from flax import nnx
 # ldm_jax.mesh (models know names, never meshes).
 NHWC = ("batch", "height", "width", "channels")
 BLC = ("batch", "length", "channels")
+BC = ("batch", "channels")  # vectors per example: time embeddings, pooled text
 
 # Set by ldm_jax.mesh.activation_sharding: (names, shape) -> a Sharding, or None to
 # leave the array alone. Read at trace time, so it holds inside jit, remat and scan.

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ldm_jax.models.layers import BLC, Normalize, constrain, conv, remat_call, torch_uniform_init
+from ldm_jax.models.layers import BC, BLC, Normalize, constrain, conv, remat_call, torch_uniform_init
 
 PAD_1 = ((1, 1), (1, 1))
 
@@ -150,7 +150,10 @@ class TimestepEmbedding(nnx.Module):
     self.linear_2 = _linear(dim, dim, rngs=rngs)
 
   def __call__(self, emb: jax.Array) -> jax.Array:
-    return self.linear_2(_silu(self.linear_1(emb)))
+    # [B, C] activations batch-split (layers.constrain): left free, XLA lays them out by
+    # the fsdp-split kernels and moves them with all-to-alls (bench/README.md).
+    hidden = constrain(self.linear_1(constrain(emb, BC)), BC)
+    return constrain(self.linear_2(_silu(hidden)), BC)
 
 
 class Downsample(nnx.Module):
@@ -214,7 +217,7 @@ class ResBlock(nnx.Module):
     h = _silu(self.norm1(x))
     h, x = self._resize(h), self._resize(x)
     h = self.conv1(h)
-    e = self.time_emb_proj(_silu(emb)).astype(jnp.float32)[:, None, None, :]
+    e = constrain(self.time_emb_proj(_silu(emb)), BC).astype(jnp.float32)[:, None, None, :]
     if self.scale_shift:
       scale, shift = jnp.split(e, 2, axis=-1)
       h = self.norm2(h) * (1.0 + scale) + shift
@@ -281,7 +284,9 @@ class GEGLU(nnx.Module):
     self.proj = _linear(dim, 2 * inner, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    value, gate = jnp.split(self.proj(x), 2, axis=-1)
+    # Batch-split before the split into halves: with the kernel's output dimension
+    # fsdp-split, XLA otherwise re-lays the halves out with all-to-alls.
+    value, gate = jnp.split(constrain(self.proj(x), BLC), 2, axis=-1)
     return value * jax.nn.gelu(gate.astype(jnp.float32), approximate=False).astype(value.dtype)
 
 
@@ -461,10 +466,10 @@ class UNetModel(nnx.Module):
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (x.shape[0],))
     emb = self.time_embedding(timestep_embedding(timesteps, self.spec.model_channels))
     if self.class_embedding is not None:
-      emb = emb + self.class_embedding(y.astype(jnp.int32)).astype(emb.dtype)
+      emb = emb + constrain(self.class_embedding(y.astype(jnp.int32)), BC).astype(emb.dtype)
     # Batch-split activations at every level's input and output, the time embedding and
     # the context (layers.constrain: a no-op outside a mesh context).
-    emb = constrain(emb, ("batch", "channels"))
+    emb = constrain(emb, BC)
     if context is not None:
       context = constrain(context, BLC)
     h = constrain(self.conv_in(constrain(x).astype(self.spec.compute_dtype)))
