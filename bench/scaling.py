@@ -133,6 +133,64 @@ def collectives(hlo: str) -> dict:
   return out
 
 
+_LAYOUT_CHANGES = ("all-to-all", "collective-permute")
+
+
+def _stack_tables(hlo: str) -> tuple[dict, dict]:
+  """The optimized HLO's source tables: {location id: "file:line function"} for files of
+  this project, and {frame id: (location id, parent frame id)}."""
+  sections: dict[str, list[str]] = {}
+  current = None
+  for line in hlo.splitlines():
+    stripped = line.strip()
+    if stripped in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      current = sections.setdefault(stripped, [])
+    elif current is not None and re.match(r"\d+ ", stripped):
+      current.append(stripped)
+    elif stripped:
+      current = None
+  named = lambda key: dict(re.match(r'(\d+) "(.*)"', x).groups()
+                           for x in sections.get(key, []))
+  files, functions = named("FileNames"), named("FunctionNames")
+  locations = {}
+  for x in sections.get("FileLocations", []):
+    m = re.match(r"(\d+) \{file_name_id=(\d+) function_name_id=(\d+) line=(\d+)", x)
+    if m and "ldm_jax/" in files.get(m.group(2), ""):
+      path = "ldm_jax/" + files[m.group(2)].split("ldm_jax/", 1)[1]
+      locations[m.group(1)] = f"{path}:{m.group(4)} {functions.get(m.group(3), '?')}"
+  frames = {}
+  for x in sections.get("StackFrames", []):
+    m = re.match(r"(\d+) \{file_location_id=(\d+)(?: parent_frame_id=(\d+))?", x)
+    if m:  # a reference to frame P (a parent, or an op's stack_frame_id) means entry P - 1
+      parent = str(int(m.group(3)) - 1) if m.group(3) else None
+      frames[m.group(1)] = (m.group(2), parent)
+  return locations, frames
+
+
+def layout_change_sources(hlo: str) -> dict[str, int]:
+  """{"kind at file:line function": ops} for the all-to-alls and collective-permutes: the
+  innermost line of ldm_jax each op's stack frame leads to (the ops a missing activation
+  constraint leaves; see bench/README.md "Layout changes")."""
+  locations, frames = _stack_tables(hlo)
+  out: dict[str, int] = {}
+  for line in hlo.splitlines():
+    m = _OP.search(line)
+    if not m or m.group(2) not in _LAYOUT_CHANGES:
+      continue
+    frame = re.search(r"stack_frame_id=(\d+)", line)
+    where, seen = "(no source recorded)", set()
+    frame_id = str(int(frame.group(1)) - 1) if frame else None
+    while frame_id in frames and frame_id not in seen:
+      seen.add(frame_id)
+      location, frame_id = frames[frame_id]
+      if location in locations:
+        where = locations[location]
+        break
+    key = f"{m.group(2)} at {where}"
+    out[key] = out.get(key, 0) + 1
+  return out
+
+
 # ---------------------------------------------------------------------------------------
 # One configuration, in the child process
 
@@ -282,7 +340,8 @@ def run_one(name: str, mesh_name: str, mesh_config: dict, per_device_batch: int 
       "state_bytes": total, "state_device_bytes": device_state,
       "state_target_bytes": (total - replicated) / fsdp + replicated,
       "replicated_bytes": replicated, "grad_bytes": grad_bytes,
-      "collectives": coll, "describe": mesh_lib.describe_state(state, shardings)}
+      "collectives": coll, "layout_changes": layout_change_sources(hlo),
+      "describe": mesh_lib.describe_state(state, shardings)}
 
 
 def child(args) -> None:
@@ -375,6 +434,8 @@ def main() -> None:
                 f"{gib(row['temp_bytes'])} GiB; " + ", ".join(
                     f"{k} {gib(c[k]['bytes'])} GiB x{c[k]['count']}" for k in COLLECTIVES
                     if c[k]["count"]) + f"; grads {gib(row['grad_bytes'])} GiB", flush=True)
+          for where, count in sorted(row.get("layout_changes", {}).items()):
+            print(f"  {count} x {where}", flush=True)
         if args.json:
           with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
