@@ -131,8 +131,8 @@ def test_step_without_the_gan_is_the_same_update_before_disc_start():
   assert a.keys() == b.keys()
   for key in a:  # BatchNorm's running averages (disc_rest) alone differ
     np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-7, err_msg=key)
-  # The tests' discriminator is tiny (ndf 8): at the demo's sizes the step without it
-  # takes about a third less time.
+  # The tests' discriminator is tiny (ndf 8), so the FLOPs differ little here; at the
+  # demo's sizes the discriminator is about a third of the step (bench/README.md).
   flops = {gan: steps[gan].cost_analysis()["flops"] for gan in steps}
   assert flops[False] < flops[True], flops
 

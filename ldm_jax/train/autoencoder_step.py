@@ -291,7 +291,8 @@ def make_train_step(programs: Programs, gan: bool = True) -> Callable:
 
   `gan=False` is the step for `losses.autoencoder.gan_active(...)` False (before
   `disc_start`): the reference runs the discriminator there and multiplies its terms by 0,
-  this step does not run it (about a third of the kl-f8 demo step's time). The update is
+  this step does not run it (bench/README.md: the full GAN step costs 1.55x the
+  autoencoder-only step at the kl-f8 demo's sizes, so roughly a third of its time). The update is
   the same: zero discriminator gradients still go through its Adam (whose step count, and
   so its bias correction at `disc_start`, stay the reference's); only BatchNorm's running
   averages, which nothing in training reads, start moving at `disc_start` instead.
