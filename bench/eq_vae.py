@@ -25,6 +25,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from ldm_jax.convert import load_autoencoder
 from ldm_jax.data import builtin
 from ldm_jax.data.spec import DataSpec
 from ldm_jax.losses.autoencoder import eq_vae_transform
@@ -41,6 +42,10 @@ _PROB = flags.DEFINE_float("eq_vae_prob", 0.5, "loss.eq_vae_prob of the EQ-VAE r
 _SCALES = flags.DEFINE_list("scales", ["0.5", "0.75"], "loss.eq_vae_scales of the EQ-VAE "
                             "run, also the scales measured.")
 _SEED = flags.DEFINE_integer("seed", 0, "Model init, data order and step keys.")
+_INIT_FROM = flags.DEFINE_string(
+    "init_from", "", "Start from these autoencoder weights (a finished run's "
+    "export/autoencoder, any path train.init_from takes) instead of the seed's init; "
+    "--pretrain_steps then continues it (0: fine-tune it as it is).")
 
 
 def to_images(tiles: np.ndarray) -> np.ndarray:
@@ -108,7 +113,8 @@ def main(_):
   if config.loss.perceptual_weight > 0:
     raise app.UsageError("this bench runs without LPIPS (no VGG weights offline): use a "
                          "config with loss.perceptual_weight=0, e.g. a :demo one")
-  model = build_autoencoder(spec, nnx.Rngs(_SEED.value))
+  model = (load_autoencoder(_INIT_FROM.value, spec) if _INIT_FROM.value
+           else build_autoencoder(spec, nnx.Rngs(_SEED.value)))
   disc = step_lib.build_discriminator(programs.loss, spec.dtype, _SEED.value)
   start = step_lib.new_state(model, disc, programs, False, _SEED.value)
   val = validation_images(size)
@@ -139,16 +145,20 @@ def main(_):
           f"{float(metrics['rec_loss']):.4f}{applied}")
     return state
 
-  results = {"start (random init)": measure(programs, start, val, scales)}
-  base = train(programs, start, _PRETRAIN.value, _SEED.value, "pretrain")
-  results["pretrained"] = measure(programs, base, val, scales)
+  results = {f"start ({_INIT_FROM.value or 'random init'})":
+             measure(programs, start, val, scales)}
+  base = start
+  if _PRETRAIN.value:
+    base = train(programs, start, _PRETRAIN.value, _SEED.value, "pretrain")
+    results[f"pretrained (+{_PRETRAIN.value})"] = measure(programs, base, val, scales)
   # Same data order (seed) and step keys (state.rng, state.step) in both fine-tunes.
   plain = train(programs, base, _FINETUNE.value, _SEED.value + 1, "fine-tune plain")
-  results["fine-tuned plain"] = measure(programs, plain, val, scales)
+  results[f"fine-tuned plain (+{_FINETUNE.value})"] = measure(programs, plain, val, scales)
   eq = train(eq_programs, base, _FINETUNE.value, _SEED.value + 1, "fine-tune EQ-VAE")
-  results["fine-tuned EQ-VAE"] = measure(programs, eq, val, scales)
+  results[f"fine-tuned EQ-VAE (+{_FINETUNE.value})"] = measure(programs, eq, val, scales)
 
-  keys = ["identity"] + [k for k in results["pretrained"] if "/" in k] + ["equivariance"]
+  first = next(iter(results.values()))
+  keys = ["identity"] + [k for k in first if "/" in k] + ["equivariance"]
   print("\nper-pixel MSE on held-out tiles, decode(tau(z)) vs tau(x) (images in [-1, 1])")
   print("| model | " + " | ".join(keys) + " | PSNR id | PSNR equiv |")
   print("|---" * (len(keys) + 3) + "|")

@@ -29,7 +29,7 @@ def main():
   from ldm_jax.train.autoencoder_setup import build_programs
 
   config = autoencoder_config(kind="kl", embed_dim=4, z_channels=4, ch_mult=(1, 2),
-                              batch_size=4, loss=dict(disc_start=1), arg="tiny")
+                              batch_size=4, loss={}, arg="tiny")
   config.data.batch_size = 4
   spec, programs = build_programs(config)
   mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1})

@@ -62,7 +62,7 @@ def _np_tau(a, scale, turns):
 def test_transformed_loss_matches_hand_computation(kind, scale, turns):
   """decode(tau(z)) against tau(x): pixel term, GAN term on the transformed pair, and the
   regularizer of the untransformed latent, recomputed here from the model's pieces."""
-  programs, model, disc, state = _setup(kind)
+  programs, model, disc, state = _setup(kind, disc_start=1)
   x, key = _images(), jax.random.key(3)
   objective = nnx.jit(lambda p: step_lib.generator_objective(
       programs, state, None, x, key, state.disc_rest, (scale, turns))[0](p))

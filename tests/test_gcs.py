@@ -313,9 +313,7 @@ PODLIKE = (f"--config={REPO / 'configs' / 'kl_f8.py'}:tiny", "--config.train.mes
            "--config.train.mesh.fsdp=8", "--config.data.batch_size=8",
            "--config.train.max_unsharded_fraction=1.0", "--config.train.num_steps=12",
            "--config.train.ckpt_every=4", "--config.train.preemption_every=5",
-           "--config.train.eval_every=6", "--config.train.eval_at_start=False",
-           # The GAN from step 0: one compiled step program per process, not two.
-           "--config.loss.disc_start=0")
+           "--config.train.eval_every=6", "--config.train.eval_at_start=False")
 
 
 def _start_processes(workdir, port):

@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
     from ldm_jax.models.autoencoder import build_autoencoder
 
     config = autoencoder_config(kind="kl", embed_dim=4, z_channels=4, ch_mult=(1, 2),
-                                batch_size=8, loss=dict(disc_start=3), arg="tiny")
+                                batch_size=8, loss={}, arg="tiny")
     config.model.ch_mult = (1, 2)
     spec, programs = build_programs(config)
     rng = np.random.default_rng(0)

@@ -21,7 +21,9 @@ STEPS = 8
 def _command(workdir, *overrides):
   return [sys.executable, "-m", "ldm_jax.main", "--config=configs/kl_f8.py:tiny",
           f"--workdir={workdir}", f"--config.train.num_steps={STEPS}",
-          "--config.train.eval_every=100", "--config.train.ckpt_every=2", *overrides]
+          "--config.train.eval_every=100", "--config.train.ckpt_every=2",
+          # The discriminator joins at step 2: the resumed runs must pick up both programs.
+          "--config.loss.disc_start=2", *overrides]
 
 
 
