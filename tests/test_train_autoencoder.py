@@ -35,6 +35,14 @@ def _load_config(name, arg):
   return module.get_config(arg)
 
 
+def _command_config():
+  """The config `_command` runs, in process."""
+  config = _load_config("kl_f8", "tiny")
+  config.train.num_steps = STEPS
+  config.loss.disc_start = 2
+  return config
+
+
 def _run(workdir, *overrides):
   proc = subprocess.run(_command(workdir, *overrides), env=cpu_env(), capture_output=True,
                         text=True, timeout=900)
@@ -204,8 +212,7 @@ def test_resume_refuses_another_architecture_and_stage(tmp_path, uninterrupted, 
   workdir = tmp_path / "run"
   shutil.copytree(uninterrupted[2], workdir)
   before = _files(workdir)
-  config = _load_config("kl_f8", "tiny")
-  config.train.num_steps = STEPS
+  config = _command_config()
   config.model.ch = 64
   config.loss.disc_weight = 0.25
   changed = r"Changed:\n  loss.disc_weight: 0.5 -> 0.25\n  model.ch: 32 -> 64\n"
@@ -219,8 +226,8 @@ def test_resume_refuses_another_architecture_and_stage(tmp_path, uninterrupted, 
 
   # Harmless changes resume; a changed learning rate is taken, with a warning; the saved
   # config.json is replaced only now, its predecessor kept.
-  config = _load_config("kl_f8", "tiny")
-  config.train.update(num_steps=STEPS, eval_every=100, ckpt_every=2, log_every=4)
+  config = _command_config()
+  config.train.update(eval_every=100, ckpt_every=2, log_every=4)
   config.optim.base_learning_rate = 5e-4
   from ldm_jax.train import resume
   changes = resume.diff(json.loads((workdir / "config.json").read_text()),
