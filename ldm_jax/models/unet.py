@@ -216,15 +216,18 @@ class ResBlock(nnx.Module):
   def __call__(self, x: jax.Array, emb: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
     h = _silu(self.norm1(x))
     h, x = self._resize(h), self._resize(x)
-    h = self.conv1(h)
+    # The convolutions' outputs batch-split (layers.constrain): with the kernels' output
+    # channels fsdp-split, XLA otherwise leaves them channel-split into the GroupNorm's
+    # group reshape and the residual sum, and re-lays them out there (all-to-alls).
+    h = constrain(self.conv1(h))
     e = constrain(self.time_emb_proj(_silu(emb)), BC).astype(jnp.float32)[:, None, None, :]
     if self.scale_shift:
       scale, shift = jnp.split(e, 2, axis=-1)
       h = self.norm2(h) * (1.0 + scale) + shift
     else:
       h = self.norm2(h + e)
-    h = self.conv2(_dropout(_silu(h), self.dropout, rngs))
-    skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+    h = constrain(self.conv2(_dropout(_silu(h), self.dropout, rngs)))
+    skip = constrain(self.conv_shortcut(x)) if self.conv_shortcut is not None else x
     return skip.astype(h.dtype) + h
 
 
