@@ -168,9 +168,9 @@ def _stack_tables(hlo: str) -> tuple[dict, dict]:
 
 
 def layout_change_sources(hlo: str) -> dict[str, int]:
-  """{"kind at file:line function": ops} for the all-to-alls and collective-permutes: the
-  innermost line of ldm_jax each op's stack frame leads to (the ops a missing activation
-  constraint leaves; see bench/README.md "Layout changes")."""
+  """{"kind at file:line function < caller": ops} for the all-to-alls and
+  collective-permutes: the two innermost lines of ldm_jax each op's stack frame leads to
+  (the ops a missing activation constraint leaves; see bench/README.md "Layout changes")."""
   locations, frames = _stack_tables(hlo)
   out: dict[str, int] = {}
   for line in hlo.splitlines():
@@ -178,15 +178,14 @@ def layout_change_sources(hlo: str) -> dict[str, int]:
     if not m or m.group(2) not in _LAYOUT_CHANGES:
       continue
     frame = re.search(r"stack_frame_id=(\d+)", line)
-    where, seen = "(no source recorded)", set()
+    lines, seen = [], set()
     frame_id = str(int(frame.group(1)) - 1) if frame else None
-    while frame_id in frames and frame_id not in seen:
+    while frame_id in frames and frame_id not in seen and len(lines) < 2:
       seen.add(frame_id)
       location, frame_id = frames[frame_id]
       if location in locations:
-        where = locations[location]
-        break
-    key = f"{m.group(2)} at {where}"
+        lines.append(locations[location])
+    key = f"{m.group(2)} at {' < '.join(lines) or '(no source recorded)'}"
     out[key] = out.get(key, 0) + 1
   return out
 

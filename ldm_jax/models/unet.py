@@ -163,7 +163,7 @@ class Downsample(nnx.Module):
     self.conv = conv(channels, channels, 3, stride=2, padding=PAD_1, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.conv(x)
+    return constrain(self.conv(x))  # batch-split, as ResBlock's convolutions
 
 
 class Upsample(nnx.Module):
@@ -172,7 +172,7 @@ class Upsample(nnx.Module):
     self.conv = conv(channels, channels, 3, padding=PAD_1, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.conv(_nearest_x2(x))
+    return constrain(self.conv(_nearest_x2(x)))  # batch-split, as ResBlock's convolutions
 
 
 def _nearest_x2(x: jax.Array) -> jax.Array:
@@ -214,6 +214,7 @@ class ResBlock(nnx.Module):
     return x
 
   def __call__(self, x: jax.Array, emb: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    x = constrain(x)  # and so its gradient, which the convolutions' input gradients sum into
     h = _silu(self.norm1(x))
     h, x = self._resize(h), self._resize(x)
     # The convolutions' outputs batch-split (layers.constrain): with the kernels' output
@@ -290,7 +291,8 @@ class GEGLU(nnx.Module):
     # Batch-split before the split into halves: with the kernel's output dimension
     # fsdp-split, XLA otherwise re-lays the halves out with all-to-alls.
     value, gate = jnp.split(constrain(self.proj(x), BLC), 2, axis=-1)
-    return value * jax.nn.gelu(gate.astype(jnp.float32), approximate=False).astype(value.dtype)
+    gated = value * jax.nn.gelu(gate.astype(jnp.float32), approximate=False).astype(value.dtype)
+    return constrain(gated, BLC)
 
 
 class FeedForward(nnx.Module):
@@ -300,7 +302,7 @@ class FeedForward(nnx.Module):
                          _linear(dim * mult, dim, dtype=dtype, rngs=rngs)])
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.net[2](self.net[0](x))
+    return constrain(self.net[2](self.net[0](x)), BLC)
 
 
 class TransformerBlock(nnx.Module):
@@ -346,19 +348,23 @@ class SpatialTransformer(nnx.Module):
 
   def __call__(self, x: jax.Array, context: jax.Array | None = None, rngs=None) -> jax.Array:
     b, h, w, c = x.shape
+    x = constrain(x)  # and so its gradient, as ResBlock's input
     hidden = self.norm(x)
+    # The projections' outputs batch-split before any reshape (layers.constrain), as
+    # ResBlock's convolutions: a channel-split output meets the reshape or the residual
+    # sum in another layout otherwise.
     if self.linear:
-      hidden = self.proj_in(hidden.reshape(b, h * w, c))
+      hidden = constrain(self.proj_in(hidden.reshape(b, h * w, c)), BLC)
     else:
-      hidden = self.proj_in(hidden)
+      hidden = constrain(self.proj_in(hidden))
       hidden = hidden.reshape(b, h * w, hidden.shape[-1])
     hidden = constrain(hidden.astype(jnp.float32), BLC)
     for block in self.transformer_blocks:
       hidden = constrain(block(hidden, context), BLC)
     if self.linear:
-      hidden = self.proj_out(hidden).reshape(b, h, w, c)
+      hidden = constrain(self.proj_out(hidden), BLC).reshape(b, h, w, c)
     else:
-      hidden = self.proj_out(hidden.reshape(b, h, w, -1))
+      hidden = constrain(self.proj_out(hidden.reshape(b, h, w, -1)))
     return x.astype(hidden.dtype) + hidden
 
 
