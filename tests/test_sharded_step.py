@@ -2,6 +2,7 @@
 devices, the per-device bytes the run logs, and the unsharded-fraction check."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -140,3 +141,26 @@ def test_mesh_shape_errors():
     mesh_lib.mesh_shape({"data": -1, "fsdp": "hosts"}, 8)
   with pytest.raises(ValueError, match="unknown keys \\['model'\\]"):
     mesh_lib.mesh_shape({"data": -1, "model": 2}, 8)
+
+
+def test_unet_step_at_fsdp_8_has_no_layout_changes(tmp_path):
+  """bench/scaling.py on a narrow txt2img LDM (width 64, so its kernels are large enough to
+  be fsdp-split): the UNet's activations stay batch-split through every block, forward and
+  backward, so the optimized HLO has no all-to-all or collective-permute from the UNet.
+  The text encoder's token lookup keeps its kilobyte all-to-all (a feature-split table's
+  rows re-laid out batch-split; bench/README.md "Layout changes")."""
+  rows = tmp_path / "rows.jsonl"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, os.path.join(root, "bench", "scaling.py"), "--configs=ldm_txt2img:tiny",
+       "--devices=8", "--meshes=fsdp", "--per_device_batch=1",
+       "--set=unet.model_channels=64", f"--json={rows}"],
+      env=cpu_env(), capture_output=True, text=True, timeout=900, cwd=root)
+  assert proc.returncode == 0 and rows.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+  row = json.loads(rows.read_text().splitlines()[0])
+  assert "error" not in row, row
+  assert row["shape"] == {"data": 1, "fsdp": 8}
+  assert row["state_device_bytes"] < row["state_bytes"] / 4  # the kernels are split
+  changes = row["layout_changes"]
+  assert not [where for where in changes if "unet.py" in where], changes
+  assert sum(changes.values()) <= 2 and all("TextEncoder" in w for w in changes), changes

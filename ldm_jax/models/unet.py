@@ -214,7 +214,6 @@ class ResBlock(nnx.Module):
     return x
 
   def __call__(self, x: jax.Array, emb: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-    x = constrain(x)  # and so its gradient, which the convolutions' input gradients sum into
     h = _silu(self.norm1(x))
     h, x = self._resize(h), self._resize(x)
     # The convolutions' outputs batch-split (layers.constrain): with the kernels' output
@@ -499,7 +498,10 @@ class UNetModel(nnx.Module):
     for level in self.up_blocks:
       for i, resnet in enumerate(level.resnets):
         skip = skips.pop()
-        h = self._block(resnet, jnp.concatenate([h, skip.astype(h.dtype)], axis=-1), emb, rngs)
+        # The concatenation batch-split, and so its gradient, which is split back in two
+        # along channels: left free, XLA re-lays those halves out with all-to-alls.
+        h = self._block(resnet, constrain(jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)),
+                        emb, rngs)
         if len(level.attentions):
           h = self._block(level.attentions[i], h, context, rngs)
       for resampler in level.upsamplers:
