@@ -347,13 +347,15 @@ class SpatialTransformer(nnx.Module):
 
   def __call__(self, x: jax.Array, context: jax.Array | None = None, rngs=None) -> jax.Array:
     b, h, w, c = x.shape
-    x = constrain(x)  # and so its gradient, as ResBlock's input
+    # The input batch-split, and so its gradient, into which the residual and the
+    # projection's input gradient sum.
+    x = constrain(x)
     hidden = self.norm(x)
     # The projections' outputs batch-split before any reshape (layers.constrain), as
     # ResBlock's convolutions: a channel-split output meets the reshape or the residual
     # sum in another layout otherwise.
-    if self.linear:
-      hidden = constrain(self.proj_in(hidden.reshape(b, h * w, c)), BLC)
+    if self.linear:  # constrained just below, after the cast
+      hidden = self.proj_in(hidden.reshape(b, h * w, c))
     else:
       hidden = constrain(self.proj_in(hidden))
       hidden = hidden.reshape(b, h * w, hidden.shape[-1])
