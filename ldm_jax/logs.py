@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging as std_logging
 
 from absl import logging
@@ -14,8 +15,12 @@ class _QuietLibraries:
   NOISY = ("/orbax/", "/grain/", "/clu/", "/jax/_src/xla_bridge.py")
 
   def filter(self, record) -> bool:
-    return record.levelno >= std_logging.WARNING or not any(
-        part in record.pathname for part in self.NOISY)
+    library = any(part in record.pathname for part in self.NOISY)
+    if library and record.exc_info and disk_full(record.exc_info[1]):
+      # orbax logs each writer thread's failure with its traceback; the command's own
+      # error line already names the step and the full disk.
+      record.exc_info, record.exc_text = None, None
+    return record.levelno >= std_logging.WARNING or not library
 
 
 def console_logging() -> None:
@@ -31,3 +36,15 @@ def console_logging() -> None:
 def line_notes(*notes: str) -> str:
   """Notes to append to a console line (" | a | b"), the empty ones left out."""
   return "".join(f" | {note}" for note in notes if note)
+
+
+def disk_full(e: BaseException | None) -> bool:
+  """Whether `e` or an exception it was raised from is ENOSPC (tensorstore reports it as
+  text inside a ValueError, TensorFlow as a ResourceExhaustedError)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False

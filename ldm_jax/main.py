@@ -8,6 +8,8 @@ detected from the environment (Cloud TPU, SLURM) or set with the --coordinator_a
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -61,13 +63,38 @@ def main(argv):
   from ldm_jax.convert.files import WeightFileError
   from ldm_jax.convert.torch_layout import StateMismatchError
   from ldm_jax.outputs import OutputError
+  from ldm_jax.logs import disk_full
+  from ldm_jax.train.checkpoint import CheckpointWriteError
   from ldm_jax.train.guard import NonFiniteError
+  from ldm_jax.train.loop import RunStopped
+  from ldm_jax.train.preemption import SIGINT_EXIT
   from ldm_jax.train.resume import WorkdirMismatch
+  from ldm_jax.train.workdir_lock import WorkdirLocked
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (NonFiniteError, WorkdirMismatch, OutputError, WeightFileError,
-          StateMismatchError) as e:  # each says what is wrong and what to do
+  except RunStopped as e:  # SIGTERM or Ctrl-C: saved; the run's one closing line
+    logging.warning("%s", e)
+    if e.signal == signal.SIGINT:
+      sys.exit(SIGINT_EXIT)
+  except KeyboardInterrupt:  # Ctrl-C before the first step: there was nothing to save
+    logging.warning("interrupted before training started: nothing was saved")
+    sys.exit(SIGINT_EXIT)
+  except (NonFiniteError, WorkdirMismatch, OutputError, WeightFileError, StateMismatchError,
+          WorkdirLocked) as e:  # each says what is wrong and what to do
     raise SystemExit(f"error: {e}") from None
+  except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, CheckpointWriteError):
+      message = str(e)
+    elif disk_full(e):  # the metrics writer, an image, the export: not a checkpoint
+      message = (f"no space left on device under {_WORKDIR.value}; free space and rerun the "
+                 f"same command to resume from the last complete checkpoint")
+    else:
+      raise
+    # orbax's writer threads may still hold failing writes: exiting normally would wait on
+    # them and print their tracebacks at interpreter shutdown.
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    logging.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

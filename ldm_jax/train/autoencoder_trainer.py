@@ -164,7 +164,8 @@ def _next_update_batch(iterator, accumulate: int, sharding, global_shape) -> dic
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) until config.train.num_steps (see `train.loop`); returns the last
   training scalars and validation metrics."""
-  return loop.train(config, workdir, setup)
+  return loop.train(config, workdir, setup,
+                    export_target=lambda config: export_path(workdir, config))
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:

@@ -17,9 +17,11 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from ldm_jax import fs
+from ldm_jax.logs import disk_full
 from ldm_jax.data.pipeline import iterator_restore_args, iterator_save_args
 
 
@@ -31,10 +33,79 @@ def checkpoint_dir(workdir: str) -> epath.Path:
 
 
 def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  """The run's manager. Saves that an earlier run left unfinished (killed mid-save) are
+  removed now, and said so: orbax never counts them as checkpoints, but they take space
+  and look like one."""
+  directory = checkpoint_dir(workdir)
+  if jax.process_index() == 0 and fs.isdir(directory):
+    # Temporary-path objects (orbax 0.12) or names (older orbax).
+    unfinished = [os.path.basename(os.fspath(p.get() if hasattr(p, "get") else p))
+                  for p in ocp.utils.tmp_checkpoints(directory)]
+    if unfinished:
+      logging.warning("removing %d unfinished checkpoint save(s) an interrupted run left in "
+                      "%s: %s", len(unfinished), directory, ", ".join(sorted(unfinished)))
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                         create=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state", "data"),
-                               options=options)
+                                         create=True, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(directory, item_names=("state", "data"), options=options)
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written (a full disk, lost permissions); says which step
+  failed and which complete checkpoint the run can resume from."""
+
+
+class SaveTracker:
+  """The loop's saves: which steps were asked for, which completed, and a failed
+  asynchronous save turned into one CheckpointWriteError naming both. Orbax reports a
+  failed background write only at the next save or wait, so the failing step is read off
+  the disk (asked for, yet not complete), not assumed to be the current one."""
+
+  def __init__(self, workdir: str, manager: ocp.CheckpointManager, last_complete: int | None):
+    self.workdir, self.manager = workdir, manager
+    self.last_complete = last_complete
+    self._asked: list[int] = []
+
+  def save(self, step: int, state: Any, data_iterator, force: bool = False) -> bool:
+    self._asked.append(step)
+    try:
+      saved = save(self.manager, step, state, data_iterator, force=force)
+    except Exception as e:  # pylint: disable=broad-except  # orbax's, tensorstore's, OS's
+      raise self._error(e) from e
+    return saved
+
+  def wait(self, quiet: bool = False) -> None:
+    """Waits for the saves in flight; `quiet` (cleanup after another error) logs a failure
+    instead of raising it."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      if not quiet:
+        raise self._error(e) from e
+      logging.error("%s", self._error(e))
+      return
+    complete = [s for s in self._asked if s in set(saved_steps(self.workdir))]
+    if complete:
+      self.last_complete = complete[-1]
+
+  def _error(self, e: Exception) -> CheckpointWriteError:
+    try:
+      complete = saved_steps(self.workdir)
+    except Exception:  # pylint: disable=broad-except  # the disk may refuse reads too
+      complete = []
+    failed = [s for s in self._asked if s not in complete] or self._asked[-1:]
+    last = (f"the last complete checkpoint is step {complete[-1]}, which a rerun resumes "
+            f"from" if complete else "no complete checkpoint was saved")
+    cause = "no space left on device" if disk_full(e) else _last_line(e)
+    hint = (" Free space (or lower train.keep_checkpoints) and rerun the same command" if
+            disk_full(e) else " Rerun the same command once the cause is fixed")
+    return CheckpointWriteError(
+        f"saving the checkpoint of step {failed[0]} in {checkpoint_dir(self.workdir)} "
+        f"failed: {cause}; {last}.{hint}")
+
+
+def _last_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[-1] if lines else ''}"
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator,

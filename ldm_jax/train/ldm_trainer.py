@@ -194,7 +194,8 @@ def grid(images: np.ndarray, columns: int = 4) -> np.ndarray:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) until config.train.num_steps (see `train.loop`); returns the last
   training scalars and FID / IS."""
-  return loop.train(config, workdir, setup)
+  return loop.train(config, workdir, setup, export_target=lambda config: (
+      pipeline_export_path(workdir) if sd_source.is_sd(config) else None))
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:

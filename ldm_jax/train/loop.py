@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
+import sys
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from clu import metric_writers, periodic_actions
 
 from ldm_jax import fs
 from ldm_jax.data.pipeline import data_report, skipped_records
 from ldm_jax.logs import line_notes
-from ldm_jax.train import checkpoint, resume
+from ldm_jax.train import checkpoint, resume, workdir_lock
 from ldm_jax import mesh as mesh_lib
 from ldm_jax.train.guard import NonFiniteGuard, check_policy, guard_settings
 from ldm_jax.train.preemption import PreemptionFlag
@@ -99,15 +100,44 @@ class Stage:
   export_exists: Callable[[], bool] = lambda: True  # else a finished run exports again
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
-          setup: Callable[[ml_collections.ConfigDict, str], Stage]) -> dict:
-  """Trains (or resumes) `setup`'s stage until config.train.num_steps; returns the last
-  logged and evaluated scalars."""
-  config = resume.prepare(config, workdir)  # refuses another run's workdir, writes nothing
-  stage = setup(config, workdir)  # everything checked and loaded; still nothing written
-  spec = LoopSpec.from_config(config.train)
-  nonfinite = NonFiniteGuard(stage.guarded, spec.on_nonfinite, spec.max_nonfinite)
+class RunStopped(Exception):
+  """A run stopped early on request (SIGTERM, Ctrl-C) after saving; `signal` says which."""
 
+  def __init__(self, message: str, signum: int | None):
+    super().__init__(message)
+    self.signal = signum
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          setup: Callable[[ml_collections.ConfigDict, str], Stage],
+          export_target: Callable[[ml_collections.ConfigDict], str | None] = lambda c: None,
+          ) -> dict:
+  """Trains (or resumes) `setup`'s stage until config.train.num_steps; returns the last
+  logged and evaluated scalars. `export_target(config)` is where the stage exports at the
+  end (None: it exports nothing), so that a finished run is recognized before any work."""
+  config = resume.prepare(config, workdir)  # refuses another run's workdir, writes nothing
+  spec = LoopSpec.from_config(config.train)
+  if _finished(workdir, spec.num_steps, export_target(config)):
+    return {}
+  workdir_lock.check_free(workdir)  # a held workdir is refused before the work of setup
+  stage = setup(config, workdir)  # everything checked and loaded; still nothing written
+  with workdir_lock.hold(workdir):  # one run per workdir, from its first write to its last
+    return _train(config, workdir, stage, spec)
+
+
+def _finished(workdir: str, num_steps: int, export: str | None) -> bool:
+  """True (having said so) when `workdir` saved step num_steps and its export exists."""
+  steps = checkpoint.saved_steps(workdir)
+  if not steps or steps[-1] < num_steps or (export is not None and not fs.exists(export)):
+    return False
+  where = f"; its export is {export}" if export else ""
+  logging.info("%s finished at step %d%s. Nothing to do: raise --config.train.num_steps to "
+               "train further", workdir, steps[-1], where)
+  return True
+
+
+def _train(config, workdir: str, stage: Stage, spec: LoopSpec) -> dict:
+  nonfinite = NonFiniteGuard(stage.guarded, spec.on_nonfinite, spec.max_nonfinite)
   fs.makedirs(workdir)
   shardings = stage.layout.state_shardings(stage.state)
   logging.info("%s: %s", stage.name, stage.layout.check(stage.state, shardings))
@@ -116,18 +146,23 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   manager = checkpoint.make_manager(workdir, spec.keep_checkpoints)
   last_saved = manager.latest_step()
   if last_saved is not None:
-    logging.info("resuming from the checkpoint at step %d", last_saved)
+    logging.info("resuming from the checkpoint at step %d (%s)", last_saved,
+                 checkpoint.checkpoint_dir(workdir))
     state = checkpoint.restore(manager, last_saved, checkpoint.abstract_with_shardings(
         state, shardings), iterator)
+  else:
+    logging.info("starting at step 0: %s holds no complete checkpoint", workdir)
   resume.write_config(config, workdir)  # only now: the restore succeeded
   started = stage.start(state, iterator, shardings)
   state = started.state
 
+  from clu import periodic_actions  # imports TensorFlow: not for a run that has no work
   writer = fs.metric_writer(workdir, just_logging=jax.process_index() > 0)
   num_steps, log_every, ckpt_every = spec.num_steps, spec.log_every, spec.ckpt_every
   progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                              every_steps=log_every)
   preemption = PreemptionFlag(every=spec.preemption_every)
+  saves = checkpoint.SaveTracker(workdir, manager, last_saved)
   step = first_step = int(jax.device_get(state.step))
   results: dict = {}
   totals, count, t_log = None, 0, time.time()
@@ -141,8 +176,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     run_actions(0, final=False)
   try:
     while step < num_steps:
+      t_step = time.time()
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = started.train_step(state, step)
+      if step == first_step:  # the first call compiles (jax.jit's cache, or the disk's)
+        jax.block_until_ready(state)
+        logging.info("compiled and ran the first train step in %.1f s", time.time() - t_step)
       step += 1
       nonfinite.add(metrics.pop("guard"))
       totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
@@ -153,7 +192,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       save_due = final or step % ckpt_every == 0
       preempted = preemption.requested(step)
       if log_due or save_due or preempted:  # the loop syncs here anyway
-        nonfinite.check(step, last_saved)  # raises before a bad state is saved or exported
+        nonfinite.check(step, saves.last_complete)  # before a bad state is saved/exported
       if log_due:
         elapsed = time.time() - t_log
         scalars = {f"train/{k}": float(v) / count for k, v in jax.device_get(totals).items()}
@@ -167,21 +206,26 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                       line_notes(nonfinite.note(), data_report()))
         totals, count, t_log = None, 0, time.time()
       run_actions(step, final)
-      saved = False
-      if save_due:
-        saved = checkpoint.save(manager, step, state, iterator)
-        last_saved = step if saved else last_saved
+      saved = saves.save(step, state, iterator) if save_due else False
       if preempted:
         if not saved:
-          checkpoint.save(manager, step, state, iterator, force=True)
-        manager.wait_until_finished()
-        logging.warning("preempted: checkpoint saved at step %d; rerun the same command to "
-                        "resume", step)
-        return results
+          saves.save(step, state, iterator, force=True)
+        saves.wait()
+        why = "interrupted" if preemption.signal == signal.SIGINT else "preempted"
+        raise RunStopped(f"{why}: checkpoint saved at step {step} in "
+                         f"{checkpoint.checkpoint_dir(workdir)}; rerun the same command to "
+                         f"resume", preemption.signal)
+    saves.wait()
   finally:
+    failing = sys.exc_info()[0] is not None
     preemption.restore()
-    manager.wait_until_finished()
-    writer.flush()
+    saves.wait(quiet=True)  # never hides the exception that brought us here
+    try:
+      writer.flush()
+    except Exception as e:  # pylint: disable=broad-except  # a full disk, say
+      if not failing:
+        raise
+      logging.error("could not flush the metrics writer: %s", str(e).splitlines()[0])
   if stage.export is not None and (step > first_step or not stage.export_exists()):
     host_state = _on_host(state)  # every process takes part: the state may span hosts
     if jax.process_index() == 0:
