@@ -98,8 +98,6 @@ def export_ldm_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: 
   model = ldm_step.eval_model(run.programs, state, use_ema=use_ema)
   scale = float(jax.device_get(state.scale_factor))
   shift = float(jax.device_get(state.shift_factor))
-  # diffusers reads no shift as none; a VAE with one (SD3, FLUX.1) states it.
-  shift_kw = {"shift_factor": shift} if shift else {}
   cond = ({f"cond_stage_model.{k}": v for k, v in export_state(model.cond).items()}
           if model.cond.encoder is not None else {})
   if fmt == "diffusers":
@@ -115,8 +113,12 @@ def export_ldm_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: 
             diffusion.beta_schedule, diffusion.timesteps, diffusion.linear_start,
             diffusion.linear_end, diffusion.get("cosine_s", 8e-3),
             diffusion.parameterization), f, indent=2)
+      # The run's normalization, not what its first stage's source states (force_upcast
+      # aside): no shift reads as none in diffusers, and per-channel statistics the run
+      # did not use are left out.
       save_autoencoder(run.first_stage, os.path.join(tmp, "vae"), format="diffusers",
-                       scaling_factor=scale, **shift_kw)
+                       scaling_factor=scale, shift_factor=shift or None,
+                       latents_mean=None, latents_std=None)
       if cond:
         write_safetensors({k.split(".", 1)[1]: v for k, v in cond.items()},
                           os.path.join(tmp, "cond", "model.safetensors"), kind=outputs.LDM)
