@@ -226,7 +226,8 @@ def test_a_finetune_records_its_sources_latent_scaling(tmp_path):
   """An export reads the scale and shift from the run's own record, not from a source
   that may have moved; a moved source without a record is an error, not a default."""
   import ml_collections
-  from ldm_jax.train.autoencoder_trainer import init_latent_scaling, record_latent_scaling
+  from ldm_jax.train.autoencoder_trainer import (init_latent_scaling, measures_latent_scale,
+                                                 record_latent_scaling)
   source, workdir = tmp_path / "vae", tmp_path / "run"
   source.mkdir()
   workdir.mkdir()
@@ -235,6 +236,7 @@ def test_a_finetune_records_its_sources_latent_scaling(tmp_path):
   train = ml_collections.ConfigDict({"init_from": str(source)})
   scaling = init_latent_scaling(train, str(workdir))
   assert scaling == {"scaling_factor": 0.3611, "shift_factor": 0.1159}
+  assert not measures_latent_scale(scaling)  # the source's scale stays; none is measured
   (source / "config.json").unlink()
   source.rmdir()
   with pytest.raises(FileNotFoundError, match="is gone.*latent_scaling.json"):
@@ -242,6 +244,7 @@ def test_a_finetune_records_its_sources_latent_scaling(tmp_path):
   record_latent_scaling(str(workdir), scaling)
   assert init_latent_scaling(train, str(workdir)) == scaling
   assert init_latent_scaling(ml_collections.ConfigDict({"init_from": ""})) == {}
+  assert measures_latent_scale({})  # from random init: the run measures its own
 
 
 def test_vq_without_quant_conv_refuses_diffusers_export(tmp_path):

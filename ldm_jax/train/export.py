@@ -23,6 +23,7 @@ from ldm_jax.convert.torch_layout import export_state
 from ldm_jax.convert.pipeline import scheduler_for_schedule
 from ldm_jax.convert.unet import save_unet, to_compvis
 from ldm_jax.eval.workdir import is_ldm, load_run_config
+from ldm_jax.models.autoencoder import LatentNormalization
 from ldm_jax.train import checkpoint, ldm_step, sd_source
 from ldm_jax.train.autoencoder_trainer import init_latent_scaling
 from ldm_jax.train.first_stage import restore_autoencoder
@@ -59,7 +60,8 @@ def export_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: bool
   checkpoint.resolve_step(workdir, step)  # a missing step fails before anything is built
   model, restored_step, has_ema = restore_autoencoder(workdir, use_ema, step)
   save_autoencoder(model, out, format=fmt, overwrite=overwrite,
-                   **init_latent_scaling(load_run_config(workdir).train, workdir))
+                   normalization=LatentNormalization.from_config(
+                       init_latent_scaling(load_run_config(workdir).train, workdir)))
   logging.info("exported step %d (%s weights) to %s", restored_step,
                "EMA" if use_ema and has_ema else "trained", out)
   return restored_step
