@@ -136,6 +136,40 @@ def test_export_command_writes_loadable_weights(tmp_path, uninterrupted):
                                 exported.decoder.conv_out.kernel[...])
 
 
+def test_export_states_the_latent_scale_an_ldm_measures(tmp_path, uninterrupted):
+  """A run from random init exports the scale an LDM's scale_by_std measures on it, not
+  SD's 0.18215: the LDM stage on this workdir, with the same data config and seed, gets
+  the same number from its first batch. The LDM side runs the stage's setup and start
+  (where scale_by_std happens, before any step) rather than a whole run: a run adds only
+  the compilation of its train step and sampler."""
+  import jax
+  import ml_collections
+  from ldm_jax.train import ldm_trainer
+  workdir = uninterrupted[2]
+  exported = json.loads((workdir / "export" / "autoencoder" / "config.json").read_text())
+  recorded = json.loads((workdir / "latent_scaling.json").read_text())
+  assert recorded["scale_by_std"] == {"step": STEPS, "images": 2, "seed": 0}
+  assert exported["scaling_factor"] == recorded["scaling_factor"] != 0.18215
+  assert exported["shift_factor"] is None
+  # The export command states it too.
+  from ldm_jax.train.export import export_workdir
+  export_workdir(str(workdir), str(tmp_path / "vae"))
+  again = json.loads((tmp_path / "vae" / "config.json").read_text())
+  assert again["scaling_factor"] == exported["scaling_factor"]
+
+  trained = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  config = _load_config("ldm_lsun_churches_kl8", "tiny")  # unconditional, scale_by_std
+  config.first_stage.update(path=str(workdir), downsample_factor=2)
+  config.data = trained.data
+  config.train.seed = trained.train.seed
+  stage = ldm_trainer.setup(config, str(tmp_path / "ldm"))
+  shardings = stage.layout.state_shardings(stage.state)
+  started = stage.start(jax.device_put(stage.state, shardings), stage.make_iterator(),
+                        shardings)
+  assert float(started.state.scale_factor) == pytest.approx(exported["scaling_factor"],
+                                                            rel=1e-6)
+
+
 def test_bad_config_fails_before_compiling(tmp_path):
   import importlib.util
 

@@ -114,6 +114,65 @@ def test_lineage_loads_matches_and_exports(tmp_path, images, lineage):
     torch.testing.assert_close(exported[key], original[key], rtol=0, atol=0, msg=key)
 
 
+# What diffusers' config.json says about the latents, per published VAE: SDXL's scale
+# (stabilityai/stable-diffusion-xl-base-1.0, vae/), SD3's and FLUX.1's scale and shift
+# (above), the fp16-fix VAE's force_upcast off (madebyollin/sdxl-vae-fp16-fix), and a
+# VAE stating per-channel statistics (the fields Playground v2.5's uses; values made up).
+LATENT_FIELDS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std",
+                 "force_upcast", "use_quant_conv", "use_post_quant_conv")
+STATED = {"sdxl": dict(latent_channels=4, scaling_factor=0.13025, force_upcast=True),
+          "sd3": SD3, "flux1": FLUX1,
+          "sdxl_fp16_fix": dict(latent_channels=4, scaling_factor=0.13025, force_upcast=False),
+          "latent_statistics": dict(latent_channels=4, scaling_factor=0.5,
+                                    latents_mean=[-1.5, 1.75, -1.25, 2.5],
+                                    latents_std=[8.5, 6.0, 6.5, 5.25])}
+
+
+def _latent_fields(config):
+  return {k: list(v) if isinstance(v, (list, tuple)) else v
+          for k, v in config.items() if k in LATENT_FIELDS}
+
+
+@pytest.mark.parametrize("name", list(STATED))
+def test_load_then_save_keeps_the_latent_fields(tmp_path, name):
+  """`save_autoencoder(load_autoencoder(d))` states every latent field `d` does (not SD's
+  0.18215 and no shift): straight to diffusers, and through a CompVis file, whose
+  metadata carries them."""
+  reference = _reference(STATED[name])
+  reference.save_pretrained(tmp_path / "vae")
+  expected = _latent_fields(reference.config)
+  assert expected["scaling_factor"] == STATED[name]["scaling_factor"]
+
+  model = load_autoencoder(tmp_path / "vae")
+  save_autoencoder(model, tmp_path / "export")
+  back = diffusers.AutoencoderKL.from_pretrained(tmp_path / "export")
+  assert _latent_fields(back.config) == expected
+
+  save_autoencoder(model, tmp_path / "vae.safetensors", format="compvis")
+  save_autoencoder(load_autoencoder(tmp_path / "vae.safetensors"), tmp_path / "again")
+  again = json.loads((tmp_path / "again" / "config.json").read_text())
+  assert _latent_fields({k: again.get(k) for k in LATENT_FIELDS}) == expected
+
+
+def test_sources_without_latent_fields_keep_the_defaults(tmp_path):
+  """A CompVis file states nothing about its latents: the export writes diffusers'
+  defaults (SD's scale, no shift, force_upcast), as before the fields were carried; a
+  keyword still replaces one."""
+  model = build_autoencoder(AutoencoderSpec(resolution=32, ch=32, ch_mult=(1, 2),
+                                            num_res_blocks=1))
+  save_file(export_state(model), tmp_path / "bare.safetensors")
+  loaded = load_autoencoder(tmp_path / "bare.safetensors")
+  save_autoencoder(loaded, tmp_path / "export")
+  config = json.loads((tmp_path / "export" / "config.json").read_text())
+  assert (config["scaling_factor"], config["shift_factor"], config["force_upcast"]) == (
+      0.18215, None, True)
+  assert "latents_mean" not in config and "latents_std" not in config
+  save_autoencoder(loaded, tmp_path / "export", scaling_factor=0.5)
+  assert json.loads((tmp_path / "export" / "config.json").read_text())["scaling_factor"] == 0.5
+  with pytest.raises(TypeError, match="unknown arguments.*the latent fields are"):
+    save_autoencoder(loaded, tmp_path / "export", scale_factor=0.5)
+
+
 def test_norm_num_groups_loads_matches_and_exports(tmp_path, images):
   """diffusers' `norm_num_groups` (8: four channels per group at width 32, as the demos
   use): read from config.json, same numbers, written back; CompVis code cannot build it,
@@ -167,7 +226,8 @@ def test_a_finetune_records_its_sources_latent_scaling(tmp_path):
   """An export reads the scale and shift from the run's own record, not from a source
   that may have moved; a moved source without a record is an error, not a default."""
   import ml_collections
-  from ldm_jax.train.autoencoder_trainer import init_latent_scaling, record_latent_scaling
+  from ldm_jax.train.autoencoder_trainer import (init_latent_scaling, measures_latent_scale,
+                                                 record_latent_scaling)
   source, workdir = tmp_path / "vae", tmp_path / "run"
   source.mkdir()
   workdir.mkdir()
@@ -176,6 +236,7 @@ def test_a_finetune_records_its_sources_latent_scaling(tmp_path):
   train = ml_collections.ConfigDict({"init_from": str(source)})
   scaling = init_latent_scaling(train, str(workdir))
   assert scaling == {"scaling_factor": 0.3611, "shift_factor": 0.1159}
+  assert not measures_latent_scale(scaling)  # the source's scale stays; none is measured
   (source / "config.json").unlink()
   source.rmdir()
   with pytest.raises(FileNotFoundError, match="is gone.*latent_scaling.json"):
@@ -183,6 +244,7 @@ def test_a_finetune_records_its_sources_latent_scaling(tmp_path):
   record_latent_scaling(str(workdir), scaling)
   assert init_latent_scaling(train, str(workdir)) == scaling
   assert init_latent_scaling(ml_collections.ConfigDict({"init_from": ""})) == {}
+  assert measures_latent_scale({})  # from random init: the run measures its own
 
 
 def test_vq_without_quant_conv_refuses_diffusers_export(tmp_path):

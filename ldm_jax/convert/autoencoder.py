@@ -18,10 +18,12 @@ from ldm_jax.convert.files import (DIFFUSERS_WEIGHTS, WeightFileError, read_json
                                    write_diffusers_folder, write_safetensors)
 from ldm_jax.convert.torch_layout import (StateMismatchError, export_state, import_state,
                                           torch_leaves)
-from ldm_jax.models.autoencoder import (AutoencoderSpec, abstract_autoencoder,
-                                        build_autoencoder)
+from ldm_jax.models.autoencoder import (AutoencoderSpec, LatentNormalization,
+                                        abstract_autoencoder, build_autoencoder)
 
 SPEC_METADATA_KEY = "ldm_jax.autoencoder_spec"
+# A CompVis file has no place for the latent fields; ldm_jax keeps them in its metadata.
+NORMALIZATION_METADATA_KEY = "ldm_jax.latent_normalization"
 _DIFFUSERS_DEFAULT_SCALING = 0.18215
 # diffusers config.json fields that name a spec option: diffusers name -> AutoencoderSpec field.
 _DIFFUSERS_OPTIONS = {"use_quant_conv": "use_quant_conv",
@@ -29,7 +31,7 @@ _DIFFUSERS_OPTIONS = {"use_quant_conv": "use_quant_conv",
                       "mid_block_add_attention": "mid_block_attention"}
 # config.json fields that describe the latent, not the network: kept when read so that an
 # export can write them back (SD3 and FLUX.1 shift their latents as well as scale them).
-_DIFFUSERS_LATENT_FIELDS = ("scaling_factor", "shift_factor", "force_upcast")
+_DIFFUSERS_LATENT_FIELDS = tuple(f.name for f in dataclasses.fields(LatentNormalization))
 
 
 @dataclasses.dataclass
@@ -43,16 +45,16 @@ class AutoencoderWeights:
   resolution: int | None = None  # sample size when the source says it
   spec: AutoencoderSpec | None = None  # when the source carries ldm_jax's spec
   # A diffusers folder's config.json: spec options (`_DIFFUSERS_OPTIONS`, by spec field
-  # name) and latent fields (`_DIFFUSERS_LATENT_FIELDS`), only those the file states.
+  # name). The latent fields come from there too, or from ldm_jax's CompVis metadata.
   options: dict[str, bool] = dataclasses.field(default_factory=dict)
-  latent: dict[str, Any] = dataclasses.field(default_factory=dict)
+  normalization: LatentNormalization = LatentNormalization()
 
 
 def read_autoencoder_weights(path: str | os.PathLike) -> AutoencoderWeights:
   """Reads any accepted source: a diffusers folder, a .safetensors or a torch checkpoint,
   local or gs:// (ldm_jax.fs)."""
   path = fs.path(path)
-  resolution, spec, options, latent = None, None, {}, {}
+  resolution, spec, options, normalization = None, None, {}, LatentNormalization()
   if path.is_dir():
     folder = _diffusers_folder(path)
     weights_file = folder / DIFFUSERS_WEIGHTS
@@ -66,14 +68,17 @@ def read_autoencoder_weights(path: str | os.PathLike) -> AutoencoderWeights:
                if name in config}
     if "norm_num_groups" in config:  # not visible in the tensors' shapes
       options["norm_num_groups"] = int(config["norm_num_groups"])
-    latent = {name: config[name] for name in _DIFFUSERS_LATENT_FIELDS if name in config}
+    normalization = LatentNormalization.from_config(config)
   elif not path.exists():
     raise WeightFileError(f"no weights at {path}")
   else:
     tensors = read_tensors(path)
     if path.suffix == ".safetensors":
-      stored = read_safetensors_metadata(path).get(SPEC_METADATA_KEY)
+      metadata = read_safetensors_metadata(path)
+      stored = metadata.get(SPEC_METADATA_KEY)
       spec = AutoencoderSpec.from_config(json.loads(stored)) if stored else None
+      if stated := metadata.get(NORMALIZATION_METADATA_KEY):
+        normalization = LatentNormalization.from_config(json.loads(stated))
   tensors = strip_nesting(tensors, "first_stage_model.")
   loss = {k[len("loss."):]: v for k, v in tensors.items() if k.startswith("loss.")}
   model = {k: v for k, v in tensors.items() if not k.startswith("loss.")}
@@ -82,7 +87,7 @@ def read_autoencoder_weights(path: str | os.PathLike) -> AutoencoderWeights:
     model = keymaps.diffusers_to_compvis(model)
   return AutoencoderWeights(model, loss, layout, str(path),
                             resolution if isinstance(resolution, int) else None, spec,
-                            options, latent)
+                            options, normalization)
 
 
 def _diffusers_folder(path):
@@ -96,8 +101,9 @@ def _read_diffusers_config(folder) -> dict:
 
 
 def diffusers_latent_scaling(path: str | os.PathLike) -> dict[str, Any] | None:
-  """`scaling_factor`, `shift_factor` and `force_upcast` from a diffusers model or
-  pipeline folder's config.json, only those it states; None for any other source.
+  """The latent fields (`LatentNormalization`: `scaling_factor`, `shift_factor`,
+  `latents_mean`, `latents_std`, `force_upcast`) of a diffusers model or pipeline folder's
+  config.json, only those it states; None for any other source.
 
   The result is keyword arguments for `save_autoencoder`, so a re-export (after
   fine-tuning, say) keeps the latent normalization the folder came with:
@@ -188,6 +194,7 @@ def autoencoder_from_weights(weights: AutoencoderWeights, config: Any = None):
   model = abstract_autoencoder(spec)
   import_state(model, weights.model, f"{weights.source} ({weights.layout} layout)",
                hint=_describe_weights(weights))
+  model.latent_normalization = weights.normalization
   return model
 
 
@@ -272,20 +279,21 @@ def _describe_weights(weights: AutoencoderWeights) -> str:
 
 
 def save_autoencoder(model, path: str | os.PathLike, format: str = "diffusers",
-                     scaling_factor: float = _DIFFUSERS_DEFAULT_SCALING,
-                     shift_factor: float | None = None, *, force_upcast: bool | None = None,
-                     overwrite: bool = False) -> None:
+                     normalization: LatentNormalization | None = None, *,
+                     overwrite: bool = False, **fields) -> None:
   """Writes `model` for PyTorch users, atomically.
 
-  format="compvis": one .safetensors file with CompVis keys (ldm_jax's spec in its
-  metadata). format="diffusers": a folder loadable with `AutoencoderKL.from_pretrained`
-  (or `VQModel.from_pretrained`); `scaling_factor`, `shift_factor` and `force_upcast`
-  go into its config.json (`diffusers_latent_scaling` reads them from a source folder,
-  to write them back). A previous
-  autoencoder export at `path` is replaced; anything else there is refused unless
-  `overwrite` (see ldm_jax.outputs).
+  format="compvis": one .safetensors file with CompVis keys (ldm_jax's spec and the
+  stated latent fields in its metadata). format="diffusers": a folder loadable with
+  `AutoencoderKL.from_pretrained` (or `VQModel.from_pretrained`) whose config.json holds
+  the latent fields, diffusers' defaults for those not stated (scaling_factor 0.18215).
+  The latent fields are `normalization`'s, by default the model's (what its source
+  stated); `fields` (scaling_factor=, shift_factor=, latents_mean=, latents_std=,
+  force_upcast=) replace single ones. A previous autoencoder export at `path` is
+  replaced; anything else there is refused unless `overwrite` (see ldm_jax.outputs).
   """
   spec: AutoencoderSpec = model.spec
+  normalization = _normalization(model, normalization, fields)
   if format not in ("compvis", "diffusers"):
     raise ValueError(f"format must be 'diffusers' or 'compvis', got {format!r}")
   if format == "compvis" and Path(path).suffix != ".safetensors":
@@ -295,12 +303,26 @@ def save_autoencoder(model, path: str | os.PathLike, format: str = "diffusers",
   outputs.check_target(path, outputs.AUTOENCODER, overwrite=overwrite)  # before the work
   tensors = export_state(model)
   if format == "compvis":
-    write_safetensors(tensors, path, {SPEC_METADATA_KEY: json.dumps(_spec_json(spec))},
-                      kind=outputs.AUTOENCODER, overwrite=overwrite)
+    metadata = {SPEC_METADATA_KEY: json.dumps(_spec_json(spec))}
+    if stated := normalization.stated():
+      metadata[NORMALIZATION_METADATA_KEY] = json.dumps(stated)
+    write_safetensors(tensors, path, metadata, kind=outputs.AUTOENCODER, overwrite=overwrite)
   else:
-    config = diffusers_config(spec, scaling_factor, shift_factor, force_upcast=force_upcast)
+    config = diffusers_config(spec, **normalization.stated())
     write_diffusers_folder(keymaps.compvis_to_diffusers(tensors), config, path,
                            kind=outputs.AUTOENCODER, overwrite=overwrite)
+
+
+def _normalization(model, normalization: LatentNormalization | None,
+                   fields: dict) -> LatentNormalization:
+  """`normalization` (default the model's) with `fields` replaced."""
+  if normalization is None:
+    normalization = getattr(model, "latent_normalization", None) or LatentNormalization()
+  unknown = sorted(set(fields) - set(_DIFFUSERS_LATENT_FIELDS))
+  if unknown:
+    raise TypeError(f"save_autoencoder got unknown arguments {unknown}; the latent fields "
+                    f"are {', '.join(_DIFFUSERS_LATENT_FIELDS)}")
+  return dataclasses.replace(normalization, **fields)
 
 
 def compvis_unsupported(spec: AutoencoderSpec) -> str | None:
@@ -322,12 +344,15 @@ def _spec_json(spec: AutoencoderSpec) -> dict:
 
 def diffusers_config(spec: AutoencoderSpec, scaling_factor: float = _DIFFUSERS_DEFAULT_SCALING,
                      shift_factor: float | None = None, *,
-                     force_upcast: bool | None = None) -> dict:
+                     force_upcast: bool | None = None,
+                     latents_mean: tuple[float, ...] | None = None,
+                     latents_std: tuple[float, ...] | None = None) -> dict:
   """config.json for diffusers' AutoencoderKL / VQModel describing `spec`.
 
-  `shift_factor` (latents = (z - shift) * scale, as SD3 and FLUX.1 use) is written for
-  AutoencoderKL only, VQModel has none. `force_upcast` None keeps diffusers' defaults:
-  True for AutoencoderKL (SD-family VAEs overflow in float16), False for VQModel.
+  `shift_factor` (latents = (z - shift) * scale, as SD3 and FLUX.1 use) and the
+  per-channel `latents_mean` / `latents_std` are written for AutoencoderKL only (when
+  given), VQModel has none. `force_upcast` None keeps diffusers' defaults: True for
+  AutoencoderKL (SD-family VAEs overflow in float16), False for VQModel.
   """
   problems = []
   if spec.ch_mult[0] != 1:
@@ -340,6 +365,8 @@ def diffusers_config(spec: AutoencoderSpec, scaling_factor: float = _DIFFUSERS_D
     problems.append("diffusers' VQModel always has quant_conv and post_quant_conv")
   if spec.kind == "vq" and shift_factor is not None:
     problems.append("diffusers' VQModel has no shift_factor")
+  if spec.kind == "vq" and (latents_mean is not None or latents_std is not None):
+    problems.append("diffusers' VQModel has no latents_mean / latents_std")
   if problems:
     raise ValueError("cannot export to the diffusers layout: " + "; ".join(problems)
                      + "; use format='compvis'")
@@ -356,11 +383,14 @@ def diffusers_config(spec: AutoencoderSpec, scaling_factor: float = _DIFFUSERS_D
       sample_size=spec.resolution, scaling_factor=scaling_factor,
       mid_block_add_attention=spec.attn_type == "vanilla" and spec.mid_block_attention)
   if spec.kind == "kl":
+    stats = {name: list(value) for name, value in (("latents_mean", latents_mean),
+                                                   ("latents_std", latents_std))
+             if value is not None}
     return dict(_class_name="AutoencoderKL", latent_channels=spec.z_channels,
                 shift_factor=shift_factor,
                 force_upcast=True if force_upcast is None else bool(force_upcast),
                 use_quant_conv=spec.use_quant_conv,
-                use_post_quant_conv=spec.use_post_quant_conv, **common)
+                use_post_quant_conv=spec.use_post_quant_conv, **stats, **common)
   return dict(_class_name="VQModel", latent_channels=spec.z_channels,
               vq_embed_dim=spec.embed_dim, num_vq_embeddings=spec.n_embed, norm_type="group",
               lookup_from_codebook=False,

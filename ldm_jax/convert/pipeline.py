@@ -162,12 +162,13 @@ def _load_folder(path: Path, tokenizer, dtype: str) -> Pipeline:
          else _folder_tokenizer(path / "tokenizer"))
   scheduler = scheduler_from_diffusers(_json(path / "scheduler" / "scheduler_config.json"),
                                        source=str(path / "scheduler"))
-  shift = weights.latent.get("shift_factor")
+  stated = weights.normalization
+  scale = SD_LATENT_SCALE if stated.scaling_factor is None else stated.scaling_factor
   # OpenCLIP's exact GELU is what tells an SD2 text tower from SD1's openai CLIP.
   release = "sd2" if text_spec.activation == "gelu" else "sd1"
   return Pipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tok, scheduler=scheduler,
-                  latent_scale=float(weights.latent.get("scaling_factor", SD_LATENT_SCALE)),
-                  latent_shift=float(shift or 0.0), variant=_variant(release, unet_spec),
+                  latent_scale=float(scale), latent_shift=float(stated.shift_factor or 0.0),
+                  variant=_variant(release, unet_spec),
                   sample_size=int(unet_config.get("sample_size") or 64))
 
 

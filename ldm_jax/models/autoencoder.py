@@ -106,6 +106,42 @@ class AutoencoderSpec:
     return 2 ** (len(self.ch_mult) - 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class LatentNormalization:
+  """What a first stage states about its latents, under diffusers' config.json names.
+
+  A diffusion model sees `(z - shift_factor) * scaling_factor` (SD: scale only; SD3,
+  FLUX.1: both); `latents_mean` / `latents_std` are per-channel statistics some VAEs
+  state instead; `force_upcast` says the VAE overflows in float16. None: the source does
+  not say (CompVis files), and a writer uses its format's default. The model carries one
+  (`latent_normalization`) from load to save, so a round trip keeps what the source said.
+  """
+
+  scaling_factor: float | None = None
+  shift_factor: float | None = None
+  latents_mean: tuple[float, ...] | None = None
+  latents_std: tuple[float, ...] | None = None
+  force_upcast: bool | None = None
+
+  def __post_init__(self):
+    # JSON gives lists; a model's static attributes must be hashable (nnx graph defs).
+    for name in ("latents_mean", "latents_std"):
+      value = getattr(self, name)
+      if value is not None:
+        object.__setattr__(self, name, tuple(float(v) for v in value))
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any]) -> "LatentNormalization":
+    """The fields a config.json (or a workdir's latent_scaling.json) states; other keys
+    are ignored."""
+    return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config})
+
+  def stated(self) -> dict[str, Any]:
+    """The fields that are set, as JSON values."""
+    return {name: list(value) if isinstance(value, tuple) else value
+            for name, value in dataclasses.asdict(self).items() if value is not None}
+
+
 class ResnetBlock(nnx.Module):
   """GN-swish-conv twice with a residual; 1x1 `nin_shortcut` when channels change."""
 
@@ -309,6 +345,7 @@ class AutoencoderKL(nnx.Module):
     if spec.kind != "kl":
       raise ValueError(f"AutoencoderKL needs kind='kl', got {spec.kind!r}")
     self.spec = spec
+    self.latent_normalization = LatentNormalization()  # a loader sets the source's
     dtype = spec.compute_dtype
     self.encoder = Encoder(spec, double_z=True, rngs=rngs)
     self.decoder = Decoder(spec, rngs=rngs)
@@ -359,6 +396,7 @@ class VQModel(nnx.Module):
     if spec.kind != "vq":
       raise ValueError(f"VQModel needs kind='vq', got {spec.kind!r}")
     self.spec = spec
+    self.latent_normalization = LatentNormalization()  # a loader sets the source's
     dtype = spec.compute_dtype
     self.encoder = Encoder(spec, double_z=False, rngs=rngs)
     self.decoder = Decoder(spec, rngs=rngs)

@@ -4,7 +4,8 @@ for the one loop (`train.loop`).
 Everything that can be wrong with the config, the data or the weights is checked before
 anything is compiled. The stage brings the GAN step (accumulated micro-batches), the
 validation on the held-out split (PSNR / SSIM / LPIPS / rFID and an image grid) and the
-export of the (EMA) weights for PyTorch at the end.
+export of the (EMA) weights for PyTorch at the end, with the latent scale an LDM's
+scale_by_std would measure on them (unless a fine-tune's source states one).
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from ldm_jax.data.spec import DataSpec
 from ldm_jax.eval.reconstruction import ReconstructionEvaluator, summary_line
 from ldm_jax.eval.setup import eval_networks
 from ldm_jax.losses.autoencoder import LossConfig, gan_active
-from ldm_jax.models.autoencoder import AutoencoderSpec, build_autoencoder
+from ldm_jax.models.autoencoder import AutoencoderSpec, LatentNormalization, build_autoencoder
 from ldm_jax.models.lpips import make_lpips
 from ldm_jax.train import autoencoder_step as step_lib
-from ldm_jax.train import loop
+from ldm_jax.train import first_stage, loop
 from ldm_jax import mesh as mesh_lib
 from ldm_jax.train.autoencoder_setup import build_programs, check_config
 from ldm_jax.train.images import save_grid
@@ -193,7 +194,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
 
     if config.train.init_from:  # the workdir exists now; the source may not stay
       record_latent_scaling(workdir, latent_scaling)
-    return loop.Started(state, train_step, [(int(config.train.eval_every), Evaluator(run))])
+    actions = [(int(config.train.eval_every), Evaluator(run))]
+    if measures_latent_scale(latent_scaling):
+      # Every action runs at the last step; this one runs only then.
+      actions.append((max(int(config.train.num_steps), 1), LatentScale(run)))
+    return loop.Started(state, train_step, actions)
 
   lr = learning_rate(config.optim, run.global_batch)
   return loop.Stage(
@@ -222,6 +227,8 @@ def check_export_target(workdir: str, config) -> None:
 
 
 LATENT_SCALING_FILE = "latent_scaling.json"
+# The record's note that its scale was measured here (`LatentScale`), not stated by a source.
+MEASURED = "scale_by_std"
 
 
 def init_latent_scaling(train_config, workdir: str | None = None) -> dict:
@@ -248,9 +255,55 @@ def init_latent_scaling(train_config, workdir: str | None = None) -> dict:
 
 
 def record_latent_scaling(workdir: str, scaling: dict) -> None:
-  """Keeps what `init_latent_scaling` read beside the checkpoints (process 0)."""
+  """Keeps what `init_latent_scaling` read (or `LatentScale` measured) beside the
+  checkpoints (process 0)."""
   if jax.process_index() == 0:
     fs.replace_text(fs.join(workdir, LATENT_SCALING_FILE), json.dumps(scaling, indent=2))
+
+
+def measures_latent_scale(scaling: dict) -> bool:
+  """Whether the run measures its latent scale: when no source stated one (a run from
+  random init, or from a file without config.json), or when it measured it before."""
+  return "scaling_factor" not in scaling or MEASURED in scaling
+
+
+class LatentScale:
+  """scale_by_std on the trained (EMA) weights, at the last step: `first_stage.scale_by_std`
+  on the first batch of the run's training data with `key(train.seed)`, what an LDM on
+  this autoencoder with the same data config and seed computes at its step 0. The export
+  states it as `scaling_factor` (instead of SD's 0.18215, which fits SD's VAE only).
+
+  Every process takes part (the batch spans hosts); process 0 records the scale in
+  latent_scaling.json, where a later export reads it too."""
+
+  def __init__(self, run: Run):
+    self.run = run
+    programs = run.programs
+    self.measure = jax.jit(lambda state, batch, rng: first_stage.scale_by_std(
+        step_lib.eval_model(programs, state), batch, rng)[0])
+
+  def __call__(self, state, step: int, writer) -> dict | None:
+    run = self.run
+    if step != int(run.config.train.num_steps):
+      return None
+    # A fresh iterator's first batch: the one an LDM's iterator starts with.
+    local = next(train_iterator(run.data, global_batch_size=run.global_batch,
+                                seed=run.data.seed))["image"]
+    size = run.data.image_size
+    images = jax.make_array_from_process_local_data(
+        run.layout.batch_sharding(), local, (run.global_batch, size, size, 3))
+    seed = int(run.config.train.seed)
+    scale = float(self.measure(state, {"image": images},
+                               jax.random.key_data(jax.random.key(seed))))
+    if not np.isfinite(scale):
+      logging.warning("scale_by_std: the first batch's latents give a non-finite scale "
+                      "(%s); the export states none", scale)
+      return None
+    logging.info("scale_by_std on the trained weights: scaling_factor = %.5f", scale)
+    record_latent_scaling(run.workdir, {"scaling_factor": scale, MEASURED: {
+        "step": step, "images": run.global_batch, "seed": seed}})
+    writer.write_scalars(step, {"latent/scaling_factor": scale})
+    return {"latent/scaling_factor": scale}
 
 
 def export(run: Run, state: step_lib.TrainState, workdir: str) -> str | None:
@@ -260,7 +313,8 @@ def export(run: Run, state: step_lib.TrainState, workdir: str) -> str | None:
   model = step_lib.eval_model(run.programs, jax.device_get(state))
   path = export_path(workdir, run.config)
   save_autoencoder(model, path, format=run.config.train.export_format,
-                   **init_latent_scaling(run.config.train, workdir))
+                   normalization=LatentNormalization.from_config(
+                       init_latent_scaling(run.config.train, workdir)))
   logging.info("exported %s weights to %s", run.config.train.export_format, path)
   return path
 

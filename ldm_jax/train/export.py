@@ -23,6 +23,7 @@ from ldm_jax.convert.torch_layout import export_state
 from ldm_jax.convert.pipeline import scheduler_for_schedule
 from ldm_jax.convert.unet import save_unet, to_compvis
 from ldm_jax.eval.workdir import is_ldm, load_run_config
+from ldm_jax.models.autoencoder import LatentNormalization
 from ldm_jax.train import checkpoint, ldm_step, sd_source
 from ldm_jax.train.autoencoder_trainer import init_latent_scaling
 from ldm_jax.train.first_stage import restore_autoencoder
@@ -59,7 +60,8 @@ def export_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: bool
   checkpoint.resolve_step(workdir, step)  # a missing step fails before anything is built
   model, restored_step, has_ema = restore_autoencoder(workdir, use_ema, step)
   save_autoencoder(model, out, format=fmt, overwrite=overwrite,
-                   **init_latent_scaling(load_run_config(workdir).train, workdir))
+                   normalization=LatentNormalization.from_config(
+                       init_latent_scaling(load_run_config(workdir).train, workdir)))
   logging.info("exported step %d (%s weights) to %s", restored_step,
                "EMA" if use_ema and has_ema else "trained", out)
   return restored_step
@@ -98,8 +100,6 @@ def export_ldm_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: 
   model = ldm_step.eval_model(run.programs, state, use_ema=use_ema)
   scale = float(jax.device_get(state.scale_factor))
   shift = float(jax.device_get(state.shift_factor))
-  # diffusers reads no shift as none; a VAE with one (SD3, FLUX.1) states it.
-  shift_kw = {"shift_factor": shift} if shift else {}
   cond = ({f"cond_stage_model.{k}": v for k, v in export_state(model.cond).items()}
           if model.cond.encoder is not None else {})
   if fmt == "diffusers":
@@ -115,8 +115,12 @@ def export_ldm_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: 
             diffusion.beta_schedule, diffusion.timesteps, diffusion.linear_start,
             diffusion.linear_end, diffusion.get("cosine_s", 8e-3),
             diffusion.parameterization), f, indent=2)
+      # The run's normalization, not what its first stage's source states (force_upcast
+      # aside): no shift reads as none in diffusers, and per-channel statistics the run
+      # did not use are left out.
       save_autoencoder(run.first_stage, os.path.join(tmp, "vae"), format="diffusers",
-                       scaling_factor=scale, **shift_kw)
+                       scaling_factor=scale, shift_factor=shift or None,
+                       latents_mean=None, latents_std=None)
       if cond:
         write_safetensors({k.split(".", 1)[1]: v for k, v in cond.items()},
                           os.path.join(tmp, "cond", "model.safetensors"), kind=outputs.LDM)

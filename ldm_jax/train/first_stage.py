@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax import fs
+from ldm_jax.data.latents import sample_latents
 
 
 def restore_autoencoder(workdir: str, use_ema: bool = True, step: int | None = None):
@@ -89,6 +90,14 @@ def encode_mean(model, x: jax.Array) -> jax.Array:
   return model.encode(x)
 
 
+def batch_latents(model, batch: dict, key: jax.Array) -> jax.Array:
+  """Unscaled latents of a batch: sampled from cached moments when it has them (a latent
+  cache), else encoded from its images."""
+  if "mean" in batch:
+    return sample_latents(batch, key)
+  return encode(model, batch["image"], key)
+
+
 def normalize(z: jax.Array, latent_norm) -> jax.Array:
   """The first stage's latents as the diffusion model sees them; `latent_norm` is
   (scale, shift)."""
@@ -110,3 +119,14 @@ def std_normalization(latents: jax.Array, shift: bool = False) -> tuple[jax.Arra
   std = jnp.std(z, ddof=1)
   center = jnp.mean(z) if shift else jnp.zeros((), jnp.float32)
   return 1.0 / jnp.maximum(std, 1e-12), center
+
+
+def scale_by_std(model, batch: dict, rng: jax.Array,
+                 shift: bool = False) -> tuple[jax.Array, jax.Array]:
+  """scale_by_std: `std_normalization` of a first batch's latents, a posterior sample drawn
+  with `rng` (key data). An LDM runs it at step 0 with its state's rng,
+  `key(train.seed)`; an autoencoder run at its end, on the first batch of its own training
+  data with `key(train.seed)` too, so the scale its export states is the one an LDM with
+  the same data and seed measures."""
+  z = batch_latents(model, batch, jax.random.wrap_key_data(rng))
+  return std_normalization(z, shift)

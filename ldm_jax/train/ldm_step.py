@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from ldm_jax.data.latents import sample_latents
 from ldm_jax.diffusion.schedules import Schedule
 from ldm_jax.losses.diffusion import DiffusionLossConfig, diffusion_loss, drop_conditions
 from ldm_jax.models.ldm import LatentDiffusion
@@ -106,10 +105,8 @@ def new_state(model: LatentDiffusion, programs: LDMPrograms, scale_factor: float
 
 def latents_of(programs: LDMPrograms, batch: dict, first_stage_state, key) -> jax.Array:
   """Unscaled latents: from cached moments when the batch has them, else encoded."""
-  if "mean" in batch:
-    return sample_latents(batch, key)
-  model = merge(programs.first_stage_def, first_stage_state)
-  return first_stage.encode(model, batch["image"], key)
+  return first_stage.batch_latents(merge(programs.first_stage_def, first_stage_state), batch,
+                                   key)
 
 
 def concat_input(programs: LDMPrograms, fields: dict, latent_shape: tuple, first_stage_state,
@@ -185,9 +182,9 @@ def eval_model(programs: LDMPrograms, state: LDMState, use_ema: bool = True) -> 
 def scale_by_std(programs: LDMPrograms, batch: dict, first_stage_state, rng,
                  shift: bool = False) -> tuple[jax.Array, jax.Array]:
   """(scale, shift) from the first batch's latents (drawn as the reference draws them):
-  `first_stage.std_normalization`."""
-  z = latents_of(programs, batch, first_stage_state, jax.random.wrap_key_data(rng))
-  return first_stage.std_normalization(z, shift)
+  `first_stage.scale_by_std`, which an autoencoder run also uses for its export."""
+  return first_stage.scale_by_std(merge(programs.first_stage_def, first_stage_state), batch,
+                                  rng, shift)
 
 
 def describe(programs: LDMPrograms) -> str:
