@@ -206,6 +206,25 @@ def test_foreign_files_are_kept(tmp_path):
   assert not _temps(tmp_path)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_honour_the_umask(tmp_path, umask):
+  """safetensors writes its files 0600: exports get 0o666 & ~umask, as open() gives."""
+  model = build_autoencoder(KL_F8_SMALL)
+  previous = os.umask(umask)
+  try:
+    write_safetensors({"x": np.zeros(2, np.float32)}, tmp_path / "w.safetensors")
+    save_autoencoder(model, tmp_path / "vae", format="diffusers")
+    save_autoencoder(model, tmp_path / "vae.safetensors", format="compvis")
+  finally:
+    os.umask(previous)
+  files = [tmp_path / "w.safetensors", tmp_path / "vae.safetensors",
+           *(p for p in (tmp_path / "vae").rglob("*") if p.is_file())]
+  assert len(files) > 3
+  for f in files:
+    assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+  assert (tmp_path / "vae").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
 def safetensors_keys(path):
   from safetensors import safe_open
   with safe_open(str(path), framework="numpy") as f:
