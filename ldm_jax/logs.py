@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging as std_logging
+import time
+from typing import Iterator
 
 from absl import logging
 
@@ -31,3 +34,18 @@ def console_logging() -> None:
 def line_notes(*notes: str) -> str:
   """Notes to append to a console line (" | a | b"), the empty ones left out."""
   return "".join(f" | {note}" for note in notes if note)
+
+
+@contextlib.contextmanager
+def compile_timer(what: str, first: bool = True) -> Iterator[None]:
+  """Around a jitted program's first call (when `first`): logs "compiling WHAT", then
+  "compiled WHAT in X s". That call returns once the program is compiled and dispatched
+  (it runs asynchronously), so X is mostly compilation: minutes for a large model, in
+  which the console would otherwise say nothing."""
+  if not first:
+    yield
+    return
+  logging.info("compiling %s", what)
+  start = time.perf_counter()
+  yield
+  logging.info("compiled %s in %.1f s", what, time.perf_counter() - start)

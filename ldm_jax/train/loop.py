@@ -27,7 +27,7 @@ from clu import metric_writers, periodic_actions
 
 from ldm_jax import fs
 from ldm_jax.data.pipeline import data_report, skipped_records
-from ldm_jax.logs import line_notes
+from ldm_jax.logs import compile_timer, line_notes
 from ldm_jax.train import checkpoint, resume
 from ldm_jax import mesh as mesh_lib
 from ldm_jax.train.guard import NonFiniteGuard, check_policy, guard_settings
@@ -141,7 +141,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     run_actions(0, final=False)
   try:
     while step < num_steps:
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      with (jax.profiler.StepTraceAnnotation("train", step_num=step),
+            compile_timer("the train step", first=step == first_step)):
         state, metrics = started.train_step(state, step)
       step += 1
       nonfinite.add(metrics.pop("guard"))
