@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging as std_logging
+import time
+from typing import Iterator
 
 from absl import logging
 
@@ -48,3 +51,18 @@ def disk_full(e: BaseException | None) -> bool:
       return True
     e = e.__cause__ or e.__context__
   return False
+
+
+@contextlib.contextmanager
+def compile_timer(what: str, first: bool = True) -> Iterator[None]:
+  """Around a jitted program's first call (when `first`): logs "compiling WHAT", then
+  "compiled WHAT in X s". That call returns once the program is compiled and dispatched
+  (it runs asynchronously), so X is mostly compilation: minutes for a large model, in
+  which the console would otherwise say nothing."""
+  if not first:
+    yield
+    return
+  logging.info("compiling %s", what)
+  start = time.perf_counter()
+  yield
+  logging.info("compiled %s in %.1f s", what, time.perf_counter() - start)

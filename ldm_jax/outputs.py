@@ -549,9 +549,37 @@ def atomic_path(path: str | os.PathLike, kind: str, *, overwrite: bool = False
     with _scratch_errors(container, path):
       yield tmp
       _check_written(tmp, path, kind)
+      _honour_umask(tmp)
       _swap(tmp, path)
   finally:
     shutil.rmtree(container, ignore_errors=True)
+
+
+def _umask() -> int:
+  """The process's umask. Linux shows it in /proc; elsewhere os.umask is the only way to
+  read it, by setting it for a moment (a file another thread creates then gets 0o022)."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def _honour_umask(tmp: Path) -> None:
+  """Gives the written files the mode a plain open() gives, 0o666 & ~umask: some writers
+  create theirs 0600 (safetensors' save_file does), and an export that only its writer can
+  read is no use to the PyTorch user it is for. Folders come from mkdir: already right."""
+  mode = 0o666 & ~_umask()
+  files = [tmp] if not tmp.is_dir() else [
+      Path(root, name) for root, _, names in os.walk(tmp) for name in names]
+  for f in files:
+    if f.is_file() and not f.is_symlink():
+      os.chmod(f, mode)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,9 @@ OpenCLIP text encoder, its tokenizer, and the noise schedule with its prediction
   img2img(pipe, image, prompt, strength=0.8)        SDEdit, as StableDiffusionImg2ImgPipeline
   inpaint(pipe, image, mask, prompt)                9-channel UNets, as ...InpaintPipeline
 
+A photo becomes `image` as diffusers prepares it: prepare_image(load_image(path),
+pipe.vae_factor) (and prepare_mask for the mask).
+
 DDIM is diffusers' DDIMScheduler with the pipeline's scheduler settings (spacing "leading",
 "trailing" or "linspace", steps_offset, set_alpha_to_one, clip_sample): given the same
 initial noise the images are diffusers' (tests/test_sd_sampling.py). plms / dpmpp_2m /
@@ -171,6 +174,8 @@ def ddim_schedule(scheduler: SchedulerConfig, steps: int
 def strength_start(steps: int, strength: float) -> int:
   """Index into the descending DDIM timesteps where SDEdit starts: diffusers' img2img runs
   the last int(steps * strength) steps."""
+  if not np.isfinite(strength):
+    raise ValueError(f"strength={strength} must be a finite number in [0, 1]")
   if not 0.0 <= strength <= 1.0:
     raise ValueError(f"strength={strength} must lie in [0, 1] (0 keeps the image, 1 "
                      "repaints it from almost pure noise)")
@@ -286,6 +291,14 @@ def _program(defs, plan: _Plan, states, inputs: dict, key):
   return jnp.clip(vae.decode(z).astype(jnp.float32), -1.0, 1.0) if plan.decode else z
 
 
+def _check_finite(**values) -> None:
+  """A nan or inf guidance / eta makes nan latents, which decode to black images with no
+  error anywhere: refused up front."""
+  for name, value in values.items():
+    if not np.isfinite(value):
+      raise ValueError(f"{name}={value} must be a finite number")
+
+
 def _prompts(prompt, num: int) -> list[str]:
   prompts = [prompt] if isinstance(prompt, str) else list(prompt)
   if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -381,6 +394,69 @@ def image_size(pipeline: Pipeline, height=None, width=None) -> tuple[int, int]:
   return height, width
 
 
+# ----------------------------------------------------------------------------------------
+# Input photos as diffusers prepares them: `diffusers.utils.load_image` (EXIF rotation, RGB),
+# then the pipelines' VaeImageProcessor (the size rounded down to a multiple of the VAE's
+# factor, a Lanczos resize). The arrays below are what img2img / inpaint take.
+
+def load_image(path_or_image):
+  """A PIL image, EXIF-rotated and RGB, as `diffusers.utils.load_image` gives it; from a
+  path (local or gs://) or a PIL image."""
+  from PIL import Image, ImageOps
+
+  from ldm_jax import fs
+  if isinstance(path_or_image, Image.Image):
+    image = path_or_image
+  else:
+    path = str(path_or_image)
+    if not fs.isfile(path):
+      raise ValueError(f"{path} not found")
+    try:
+      with fs.open(path, "rb") as f, Image.open(f) as opened:
+        opened.load()
+        image = opened.copy()
+    except OSError as e:
+      raise ValueError(f"cannot read {path} as an image: {e}") from None
+  return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def processed_size(image, factor: int, height: int | None = None,
+                   width: int | None = None) -> tuple[int, int]:
+  """(height, width) that VaeImageProcessor.get_default_height_width gives a PIL image:
+  the given size or the image's own, each rounded down to a multiple of `factor`."""
+  height = image.height if height is None else int(height)
+  width = image.width if width is None else int(width)
+  height, width = height - height % factor, width - width % factor
+  if height < factor or width < factor:
+    raise ValueError(f"the image is {image.width}x{image.height}: at least {factor} pixels "
+                     f"a side are needed (the VAE's factor)")
+  return height, width
+
+
+def _resized(image, factor, height, width):
+  from PIL import Image
+  size = processed_size(image, factor, height, width)
+  # PIL returns a copy when the size is unchanged, as diffusers' resize does.
+  return image.resize((size[1], size[0]), resample=Image.Resampling.LANCZOS)
+
+
+def prepare_image(image, factor: int, height: int | None = None,
+                  width: int | None = None) -> np.ndarray:
+  """[H, W, 3] float32 in [-1, 1]: `VaeImageProcessor(vae_scale_factor=factor)
+  .preprocess(image, height, width)` for one PIL image (from `load_image`)."""
+  pixels = np.asarray(_resized(image, factor, height, width), np.float32) / 255.0
+  return 2.0 * pixels - 1.0
+
+
+def prepare_mask(mask, factor: int, height: int | None = None,
+                 width: int | None = None) -> np.ndarray:
+  """[H, W] float32 in [0, 1]: the inpainting pipelines' mask processor (the same resize,
+  then grayscale; no normalization) for one PIL image. Its binarization at 0.5 happens
+  in `inpaint`."""
+  resized = _resized(mask, factor, height, width).convert("L")
+  return np.asarray(resized, np.float32) / 255.0
+
+
 def _images(image, name: str = "image") -> np.ndarray:
   image = np.asarray(image, np.float32)
   if image.ndim == 3:
@@ -404,6 +480,7 @@ def txt2img(pipeline: Pipeline, prompt: str | Sequence[str], *, negative_prompt=
   `guidance` != 1 guides away from `negative_prompt` (default the empty prompt). `tile`
   decodes in overlapping tiles of that many pixels (models.tiling).
   """
+  _check_finite(guidance=guidance, eta=eta)
   prompts = _prompts(prompt, num)
   height, width = image_size(pipeline, height, width)
   f = pipeline.vae_factor
@@ -431,6 +508,7 @@ def img2img(pipeline: Pipeline, image, prompt: str | Sequence[str], strength: fl
   """
   if pipeline.is_inpaint:
     raise ValueError("this is an inpainting pipeline: sample it with inpaint(image, mask)")
+  _check_finite(guidance=guidance, eta=eta)
   start = strength_start(steps, strength)
   prompts = _prompts(prompt, num)
   image = _batch_images(_images(image), len(prompts), pipeline)
@@ -460,6 +538,7 @@ def inpaint(pipeline: Pipeline, image, mask, prompt: str | Sequence[str], *,
   if not pipeline.is_inpaint:
     raise ValueError("inpaint needs an inpainting pipeline (a UNet taking latents, mask "
                      "and masked-image latents: 9 input channels for SD)")
+  _check_finite(guidance=guidance, eta=eta)
   start = strength_start(steps, strength)
   prompts = _prompts(prompt, num)
   image = _batch_images(_images(image), len(prompts), pipeline)

@@ -190,3 +190,19 @@ def test_sharded_evaluation_equals_one_device():
     np.testing.assert_allclose(eight["metrics"][key], value, rtol=1e-4, err_msg=key)
   for key in ("mu", "sigma", "input_mu"):
     np.testing.assert_allclose(eight[key], one[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_validation_grid_shows_only_real_images():
+  """A split smaller than the batch: eval_batches pads it with blank images (mask False);
+  the grid the trainer writes holds the real ones only, no grey rows."""
+  import jax
+  from ldm_jax import mesh as mesh_lib
+  from ldm_jax.eval.reconstruction import ReconstructionEvaluator
+  mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1}, jax.devices()[:1])
+  evaluator = ReconstructionEvaluator(lambda state, x, key: (x * 0.5, None),
+                                      mesh_lib.batch_sharding(mesh))
+  image = np.linspace(-1, 1, 4 * 16 * 16 * 3, dtype=np.float32).reshape(4, 16, 16, 3)
+  result = evaluator.evaluate(None, [{"image": image, "mask": np.arange(4) < 3}])
+  assert result.metrics["num_examples"] == 3
+  assert result.grid.shape == (3, 16, 32, 3)
+  np.testing.assert_allclose(result.grid[:, :, :16], image[:3])

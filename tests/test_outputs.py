@@ -206,6 +206,41 @@ def test_foreign_files_are_kept(tmp_path):
   assert not _temps(tmp_path)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_honour_the_umask(tmp_path, umask):
+  """safetensors writes its files 0600: exports get 0o666 & ~umask, as open() gives."""
+  model = build_autoencoder(KL_F8_SMALL)
+  previous = os.umask(umask)
+  try:
+    write_safetensors({"x": np.zeros(2, np.float32)}, tmp_path / "w.safetensors")
+    save_autoencoder(model, tmp_path / "vae", format="diffusers")
+    save_autoencoder(model, tmp_path / "vae.safetensors", format="compvis")
+  finally:
+    os.umask(previous)
+  files = [tmp_path / "w.safetensors", tmp_path / "vae.safetensors",
+           *(p for p in (tmp_path / "vae").rglob("*") if p.is_file())]
+  assert len(files) > 3
+  for f in files:
+    assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+  assert (tmp_path / "vae").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_grid_layout_fits_the_number_of_images():
+  """No blank cells when a near-square layout exists; strips fall back to ceil(sqrt(n))
+  columns with fewer blanks than columns."""
+  from ldm_jax.train.images import grid, grid_columns
+  columns = {n: grid_columns(n) for n in range(1, 27)}
+  assert [columns[n] for n in (1, 2, 3, 4, 6, 7, 8, 9, 12, 16, 18, 24)] == [
+      1, 2, 3, 2, 3, 7, 4, 3, 4, 4, 6, 6]
+  assert [columns[n] for n in (11, 13, 17, 22, 26)] == [4, 4, 5, 5, 6]  # strips avoided
+  for n, c in columns.items():
+    rows = -(-n // c)
+    assert rows <= c and rows * c - n < c, (n, c)
+  one = grid(np.zeros((1, 4, 6, 3), np.float32))
+  assert one.shape == (4, 6, 3) and one.min() == 128  # --num=1: the image, no black tiles
+  assert grid(np.zeros((3, 4, 6, 3), np.float32)).shape == (4, 18, 3)
+
+
 def safetensors_keys(path):
   from safetensors import safe_open
   with safe_open(str(path), framework="numpy") as f:
@@ -345,7 +380,8 @@ def test_sample_command_checks_its_inputs_first(run, tmp_path):
       (w, "--batch=0"): "flag error: flag --batch=0: 0 is not a positive integer",
       (w, ok, "--step=3"): f"error: no checkpoint of step 3 in {ldm / 'checkpoints'}; saved "
                            "steps: 2",
-      (w, f"--out={tmp_path}"): f"error: --out={tmp_path} is a folder",
+      # A folder: one PNG per image, written whole; never over what ldm_jax did not write.
+      (w, f"--out={tmp_path}"): f"error: {tmp_path} already exists and holds 3 entries",
       (w, f"--out={tmp_path / 'grid.jpg'}"): "error: --out=",
       (w, f"--out={tmp_path / 'file.txt' / 'grid.png'}"): "error: cannot create",
       (w, f"--out={tmp_path / 'photo.png'}"): "error: ",
@@ -353,6 +389,12 @@ def test_sample_command_checks_its_inputs_first(run, tmp_path):
       (w, ok, "--first_stage=moved"): "passed the checks",
       (f"--workdir={run}", ok): f"error: {run} holds an autoencoder run, not an LDM",
       (f"--workdir={run}", ok, "--first_stage=x"): "error: --first_stage applies to LDM runs",
+      (w, ok, "--guidance=nan"): "error: --guidance=nan must be a finite number",
+      (w, ok, "--eta=-inf"): "error: --eta=-inf must be a finite number",
+      (w, ok, "--strength=inf"): "error: --strength=inf must be a finite number",
+      (w, "--individual", ok): "error: --out=",
+      (w, "--individual", f"--out={tmp_path / 'fresh'}"): "passed the checks",
+      (w, f"--out={tmp_path / 'fresh'}/"): "passed the checks",
   }
   proc = subprocess.run([sys.executable, "-c", SAMPLE, json.dumps([list(c) for c in cases])],
                         env=cpu_env(), capture_output=True, text=True, timeout=300)
@@ -361,5 +403,7 @@ def test_sample_command_checks_its_inputs_first(run, tmp_path):
   for (case, expected), got in zip(cases.items(), results):
     assert got.startswith(expected) and "\n" not in got, (case, got)
   assert "ending in .png" in results[5] and "did not write" in results[7]
+  assert "one PNG per image goes into a folder" in results[-3]
   assert "--guidance=-1 is negative" in proc.stderr
   assert not (tmp_path / "grid.png").exists() and _files(run / "checkpoints")
+  assert not (tmp_path / "fresh").exists()

@@ -169,6 +169,12 @@ def test_img2img(sd1):
   for strength in (-0.1, 1.5):
     with pytest.raises(ValueError, match=r"strength=.* must lie in \[0, 1\]"):
       sd.img2img(ours, photo, "a cat", strength=strength)
+  for bad in (dict(strength=float("nan")), dict(guidance=float("nan")),
+              dict(guidance=float("inf")), dict(eta=float("-inf"))):
+    with pytest.raises(ValueError, match="must be a finite number"):
+      sd.img2img(ours, photo, "a cat", **bad)
+  with pytest.raises(ValueError, match="guidance=nan must be a finite number"):
+    sd.txt2img(ours, "a cat", guidance=float("nan"))
   with pytest.raises(ValueError, match="sampler='ddim'"):
     sd._run(ours, ["a"], None, None, sampler="plms", steps=2, guidance=1.0, eta=0.0,
             key=None, source="image")
@@ -197,6 +203,36 @@ def test_inpaint_matches_diffusers(tmp_path):
     sd.txt2img(ours, "a cat")
 
 
+def test_photos_are_prepared_as_diffusers(tmp_path):
+  """--image / --mask become what diffusers' pipelines make of the same files:
+  load_image, then VaeImageProcessor (rounded down to the VAE's factor, Lanczos) and
+  the inpainting pipelines' mask processor; pixel for pixel."""
+  from diffusers.image_processor import VaeImageProcessor
+  from diffusers.utils import load_image
+  from PIL import Image
+  from skimage import data
+  photo, mask_file = tmp_path / "chelsea.png", tmp_path / "mask.png"
+  Image.fromarray(data.chelsea()).save(photo)  # 451x300: no side a multiple of 8
+  ramp = np.linspace(0, 255, 451)[None] * np.linspace(0, 1, 300)[:, None]
+  Image.fromarray(ramp.astype(np.uint8)).save(mask_file)  # grey levels around 0.5 too
+  image, mask = sd.load_image(str(photo)), sd.load_image(str(mask_file))
+  for factor, height, width in ((8, None, None), (2, None, None), (8, 256, 320),
+                                (8, 300, None)):
+    ref = VaeImageProcessor(vae_scale_factor=factor).preprocess(
+        load_image(str(photo)), height, width)
+    got = sd.prepare_image(image, factor, height, width)
+    assert got.shape[:2] == sd.processed_size(image, factor, height, width)
+    np.testing.assert_array_equal(got, _nhwc(ref)[0])
+    ref_mask = VaeImageProcessor(vae_scale_factor=factor, do_normalize=False,
+                                 do_binarize=True, do_convert_grayscale=True).preprocess(
+        load_image(str(mask_file)), height, width)
+    got_mask = sd.prepare_mask(mask, factor, height, width)
+    np.testing.assert_array_equal(got_mask >= 0.5, ref_mask.numpy()[0, 0] == 1)
+  assert sd.processed_size(image, 8) == (296, 448)
+  with pytest.raises(ValueError, match="at least 8 pixels a side"):
+    sd.processed_size(image, 8, height=7)
+
+
 def _sample(*args):
   return subprocess.run([sys.executable, "-m", "ldm_jax.sample", *args], env=cpu_env(),
                         capture_output=True, text=True, timeout=300)
@@ -207,15 +243,20 @@ import json, sys
 from absl import flags
 import ldm_jax.convert.pipeline as convert_pipeline
 import ldm_jax.sample as sample
+import ldm_jax.sd as sd
 
-real = convert_pipeline.load_pipeline
+real, real_img2img = convert_pipeline.load_pipeline, sd.img2img
 def stop(*args, **kwargs):
   raise RuntimeError("passed the checks")
+
+def shape(pipe, image, *args, **kwargs):
+  raise RuntimeError(f"img2img of {tuple(image.shape)}")
 
 results = []
 for argv in json.loads(sys.argv[1]):
   # The bad flag sets stop before loading; the last one samples for real.
-  convert_pipeline.load_pipeline = stop if argv[0] != "real" else real
+  convert_pipeline.load_pipeline = stop if argv[0] == "x" else real
+  sd.img2img = shape if argv[0] == "shape" else real_img2img  # "shape": stop at img2img
   flags.FLAGS.unparse_flags()
   try:
     flags.FLAGS(["sample"] + argv[1:])
@@ -237,6 +278,9 @@ def test_sample_command_pipeline_mode(sd1, tmp_path):
   out = tmp_path / "grid.png"
   photo = tmp_path / "photo.png"
   Image.fromarray(((_photo(1)[0] + 1) * 127.5).astype(np.uint8)).save(photo)
+  odd = tmp_path / "odd.png"  # 17x13: resized to 16x12 for the tiny VAE's factor 2
+  Image.fromarray(((_photo(1)[0, :13, :] + 1) * 127.5).astype(np.uint8)).resize(
+      (17, 13)).save(odd)
   np.save(tmp_path / "noise1.npy", np.zeros((1, 8, 8, 4), np.float32))
   np.save(tmp_path / "noise2.npy", _nhwc(_noise(6)))
   p, o = f"--pipeline={folder}", f"--out={out}"
@@ -260,6 +304,13 @@ def test_sample_command_pipeline_mode(sd1, tmp_path):
           "error: --init_noise holds shape (1, 8, 8, 4)",
       ("x", p, f"--out={tmp_path / 'grid.jpg'}", "--prompt=a"): "error: --out=",
       ("x", p, o, "--prompt=a"): "passed the checks",
+      ("x", p, o, "--prompt=a", "--guidance=nan"): "error: --guidance=nan must be a finite",
+      ("x", p, o, "--prompt=a", "--eta=inf"): "error: --eta=inf must be a finite number",
+      ("x", p, o, "--prompt=a", f"--image={photo}", "--strength=nan"): "error: --strength=nan",
+      # Photos of any size are resized as diffusers does; --height / --width choose the size.
+      ("shape", p, o, "--prompt=a", f"--image={odd}"): "img2img of (1, 12, 16, 3)",
+      ("shape", p, o, "--prompt=a", f"--image={odd}", "--height=8", "--width=24"):
+          "img2img of (1, 8, 24, 3)",
       # img2img for real: a photo, its noise from a file. Two images of 10 steps as in
       # test_img2img, whose compiled program the session's XLA cache then holds.
       ("real", p, o, "--prompt=a dog", "--steps=10", "--num=2", f"--image={photo}",
@@ -272,7 +323,7 @@ def test_sample_command_pipeline_mode(sd1, tmp_path):
   for (case, expected), got in zip(cases.items(), results):
     assert got.startswith(expected) and "\n" not in got, (case, got)
   with Image.open(out) as im:
-    assert im.size == (4 * SIZE, SIZE)  # two images in a 4-wide grid
+    assert im.size == (2 * SIZE, SIZE)  # two images side by side, no blank cells
     assert json.loads(im.text["ldm_jax_settings"])["strength"] == 0.5
 
   # As a user runs it: a clear message, no traceback.
@@ -281,15 +332,25 @@ def test_sample_command_pipeline_mode(sd1, tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == ("error: strength=1.5 must lie in [0, 1] (0 "
                                                   "keeps the image, 1 repaints it from almost "
                                                   "pure noise)")
+  proc = _sample(p, "--prompt=a cat", o, "--guidance=nan")
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == "error: --guidance=nan must be a finite number"
 
-  # txt2img: the shapes and steps of test_txt2img's program (the XLA cache holds it).
+  # txt2img: the shapes and steps of test_txt2img's program (the XLA cache holds it), one
+  # PNG per image into a folder (an --out ending in /).
+  folder = tmp_path / "cats"
   proc = _sample(p, "--prompt=a photo of a cat", "--negative_prompt=red", "--steps=10",
-                 "--num=2", "--height=16", o)
+                 "--num=2", "--height=16", f"--out={folder}/")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "sampling: 100%" in proc.stderr  # the progress bar
-  with Image.open(out) as im:
-    assert im.size == (4 * SIZE, SIZE)
-    assert im.text["prompt"] == "a photo of a cat" and im.text["negative_prompt"] == "red"
-    settings = json.loads(im.text["ldm_jax_settings"])
-  assert settings["steps"] == 10 and settings["sampler"] == "ddim" and settings["seed"] == 0
-  assert settings["guidance"] == 7.5 and settings["num"] == 2
+  assert "compiled the sampling program for 2 images in " in proc.stderr
+  assert sorted(f.name for f in folder.iterdir()) == [".ldm_jax_output.json", "00000.png",
+                                                      "00001.png"]
+  for index in range(2):
+    with Image.open(folder / f"{index:05d}.png") as im:
+      assert im.size == (SIZE, SIZE)
+      assert im.text["prompt"] == "a photo of a cat" and im.text["negative_prompt"] == "red"
+      settings = json.loads(im.text["ldm_jax_settings"])
+    assert settings["steps"] == 10 and settings["sampler"] == "ddim" and settings["seed"] == 0
+    assert settings["guidance"] == 7.5 and settings["num"] == 2
+    assert settings["index"] == index and settings["height"] == SIZE

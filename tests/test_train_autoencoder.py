@@ -64,6 +64,7 @@ def _assert_same(a, b):
 def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
   log = _run(workdir)
+  assert "compiling the train step" in log and "compiled the train step in " in log
   assert os.path.exists(workdir / "export" / "autoencoder" / "config.json")
   assert list((workdir / "images").glob("val_*.png"))
   step, state = _final_state(workdir)

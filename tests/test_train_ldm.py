@@ -121,7 +121,11 @@ def test_text_inpainting_ldm_trains_resumes_samples_and_exports(tmp_path, kl_wei
        f"--image={tmp_path / 'photo.png'}", f"--mask={tmp_path / 'mask.png'}", f"--out={out}"],
       env=cpu_env(), capture_output=True, text=True, timeout=300, cwd=elsewhere)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert Image.open(out).size == (4 * 32, 32)  # one row of a 4-wide grid
+  with Image.open(out) as im:
+    assert im.size == (3 * 32, 32)  # one row of 3: no blank cells
+    settings = json.loads(im.text["ldm_jax_settings"])
+  assert settings["sampler"] == "plms" and settings["steps"] == 3 and settings["prompt"] == (
+      "a cat") and settings["guidance"] == 2 and settings["step"] > 0
   # What the command checks before it compiles anything.
   photo_path = str(tmp_path / "photo.png")
   fields = concat_fields(config, run.spec, 3, photo_path, str(tmp_path / "mask.png"))

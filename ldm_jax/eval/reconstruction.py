@@ -34,7 +34,8 @@ PER_IMAGE = ("psnr", "ssim", "lpips")
 @dataclasses.dataclass
 class Result:
   metrics: dict[str, float]  # psnr, psnr_std, ..., rfid, num_examples
-  grid: np.ndarray | None  # first batch: [B, H, 2W or 3W, 3] input | recon (| sample)
+  # The first batch's real images (no padding): [b, H, 2W or 3W, 3] input | recon (| sample)
+  grid: np.ndarray | None
   recon_stats: fid_lib.FeatureStats | None = None
   input_stats: fid_lib.FeatureStats | None = None
 
@@ -107,9 +108,11 @@ class ReconstructionEvaluator:
         recon_stats.update(values["features_recon"], mask)
       if input_stats is not None:
         input_stats.update(values["features_input"], mask)
-      if grid and i == 0:
+      if grid and shown is None and mask.any():
+        # Only real images: a small split's batch is padded with blanks (mask False),
+        # which would show as grey rows.
         parts = [x, xrec] + ([sample] if sample is not None else [])
-        shown = np.concatenate([to_host(p) for p in parts], axis=2)
+        shown = np.concatenate([to_host(p) for p in parts], axis=2)[mask]
       if progress is not None:
         progress(int(mask.sum()))
     if not scores["psnr"].count:

@@ -31,7 +31,7 @@ from ldm_jax.train import concat as concat_lib
 from ldm_jax import mesh as mesh_lib
 from ldm_jax.train import loop
 from ldm_jax.train.guard import NonFiniteError
-from ldm_jax.train.images import save_grid
+from ldm_jax.train.images import grid, save_grid
 from ldm_jax.train.ldm_setup import build_model, build_programs, condition_spec
 from ldm_jax.train.optim import learning_rate
 
@@ -179,16 +179,6 @@ def preview_images(run: LDMRun, fields: dict, size: int) -> np.ndarray | None:
   """What a concat-conditioned sampler was given, as images (None without concat input)."""
   shown = concat_lib.preview(run.programs.concat, fields, size)
   return None if shown is None else np.asarray(jax.device_get(shown))
-
-
-def grid(images: np.ndarray, columns: int = 4) -> np.ndarray:
-  images = np.clip((np.asarray(images) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-  n, h, w, c = images.shape
-  rows = -(-n // columns)
-  padded = np.zeros((rows * columns, h, w, c), np.uint8)
-  padded[:n] = images
-  return padded.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4).reshape(
-      rows * h, columns * w, c)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -28,7 +28,7 @@ import ml_collections
 
 from ldm_jax import fs
 from ldm_jax.data.pipeline import data_report, skipped_records
-from ldm_jax.logs import line_notes
+from ldm_jax.logs import compile_timer, line_notes
 from ldm_jax.train import checkpoint, resume, workdir_lock
 from ldm_jax import mesh as mesh_lib
 from ldm_jax.train.guard import NonFiniteGuard, check_policy, guard_settings
@@ -176,12 +176,9 @@ def _train(config, workdir: str, stage: Stage, spec: LoopSpec) -> dict:
     run_actions(0, final=False)
   try:
     while step < num_steps:
-      t_step = time.time()
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      with (jax.profiler.StepTraceAnnotation("train", step_num=step),
+            compile_timer("the train step", first=step == first_step)):
         state, metrics = started.train_step(state, step)
-      if step == first_step:  # the first call compiles (jax.jit's cache, or the disk's)
-        jax.block_until_ready(state)
-        logging.info("compiled and ran the first train step in %.1f s", time.time() - t_step)
       step += 1
       nonfinite.add(metrics.pop("guard"))
       totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
