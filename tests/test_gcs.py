@@ -40,6 +40,35 @@ def _unique(bucket: str, name: str) -> str:
 # --- The layer itself ------------------------------------------------------------------
 
 
+def test_workdir_lock_on_gcs_is_exclusive_and_a_dead_holder_is_taken_over(gcs_bucket):
+  """The lock object is created with ifGenerationMatch=0: a second holder is refused
+  while the first lives, the object is gone after release, and a holder on this host
+  whose process has exited is taken over."""
+  import socket
+
+  from ldm_jax.train import workdir_lock
+  workdir = _unique(gcs_bucket, "lock")
+  lock = f"{workdir}/{workdir_lock.LOCK_FILE}"
+  with workdir_lock.hold(workdir):
+    holder = json.loads(fs.read_text(lock))
+    assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    with pytest.raises(workdir_lock.WorkdirLocked, match=f"in use by process {os.getpid()}"):
+      with workdir_lock.hold(workdir):
+        pass
+    with pytest.raises(workdir_lock.WorkdirLocked):
+      workdir_lock.check_free(workdir)
+    assert json.loads(fs.read_text(lock)) == holder  # the refused run changed nothing
+  assert not fs.exists(lock)
+
+  gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  fs.write_text(lock, json.dumps({"host": socket.gethostname(),
+                                  "pid": int(gone.stdout), "started": "earlier"}))
+  with workdir_lock.hold(workdir):
+    assert json.loads(fs.read_text(lock))["pid"] == os.getpid()
+  assert not fs.exists(lock)
+
+
 def _write_folder(out, value, fail=False):
   with outputs.atomic_path(out, outputs.AUTOENCODER) as tmp:
     tmp.mkdir()
@@ -203,6 +232,12 @@ def _wait_for(proc, needle, timeout=600):
       return
 
 
+def _listing(top):
+  """Every object under `top` with its size."""
+  return sorted((f"{root}/{name}", fs.getsize(f"{root}/{name}"))
+                for root, _, files in fs.walk(top) for name in files)
+
+
 def _no_local_gs(*, below=(), top=()):
   """No `gs:` anywhere under the folders `below`, nor directly in those in `top` (where
   os.makedirs("gs://b/x") or abspath would have put one)."""
@@ -272,6 +307,22 @@ def test_autoencoder_on_gcs_trains_resumes_exports_and_evaluates(ae_run, cwd, tm
              for p in (f"{workdir}/export/autoencoder", compvis, diffusers)]
   np.testing.assert_array_equal(kernels[0], kernels[1])
   np.testing.assert_array_equal(kernels[0], kernels[2])
+
+  # A second run while the workdir is held (a live holder: this test's process) is
+  # refused in one line and changes nothing; the finished run released its own lock.
+  lock = f"{workdir}/lock.json"
+  assert not fs.exists(lock)
+  fs.write_text(lock, json.dumps({"host": __import__("socket").gethostname(),
+                                  "pid": os.getpid(), "started": "earlier"}))
+  before = _listing(workdir)
+  held = subprocess.run(_command("ldm_jax.main", f"--config={REPO / 'configs' / 'kl_f8.py'}:tiny",
+                                 f"--workdir={workdir}", f"--config.train.num_steps={STEPS + 2}"),
+                        cwd=cwd, env=cpu_env(), capture_output=True, text=True, timeout=300)
+  assert held.returncode == 1 and "Traceback" not in held.stderr, held.stderr[-3000:]
+  assert [line for line in held.stderr.splitlines() if line.startswith("error:")] == [
+      line for line in held.stderr.splitlines() if "is in use by process" in line]
+  assert _listing(workdir) == before
+  fs.remove(lock)
 
   _run(cwd, "ldm_jax.evaluate", f"--workdir={workdir}", "--num_examples=2")
   report = json.loads(fs.read_text(f"{workdir}/eval/step_{STEPS:07d}.json"))
