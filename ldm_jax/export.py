@@ -25,6 +25,9 @@ _EMA = flags.DEFINE_boolean("ema", True, "Export the EMA weights when the run ha
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the newest.")
 _OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace --out even when it is not a "
                                   "previous export (never a training workdir).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"],
+                           "Autoencoder runs: the weights' type on disk (16 bits: half the "
+                           "size; loading casts back to float32).")
 _FIRST_STAGE = flags.DEFINE_string("first_stage", None,
                                    "LDM: the first stage's workdir or weights, when it moved "
                                    "since training (replaces config.first_stage.path).")
@@ -40,7 +43,8 @@ def main(argv):
   from ldm_jax.train.export import export_any_workdir
   try:
     export_any_workdir(_WORKDIR.value, _OUT.value, _FORMAT.value, _EMA.value, _STEP.value,
-                       overwrite=_OVERWRITE.value, first_stage=_FIRST_STAGE.value)
+                       overwrite=_OVERWRITE.value, first_stage=_FIRST_STAGE.value,
+                       dtype=_DTYPE.value)
   except (ValueError, FileNotFoundError) as e:  # a wrong workdir, target, format or step
     raise SystemExit(f"error: {e}") from None  # not app.UsageError: it prints all the help
 

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from ldm_jax import fs, outputs
@@ -278,9 +279,13 @@ def _describe_weights(weights: AutoencoderWeights) -> str:
           + (f" n_embed={found.n_embed}" if found.kind == "vq" else ""))
 
 
+EXPORT_DTYPES = {"float32": np.float32, "float16": np.float16,
+                 "bfloat16": ml_dtypes.bfloat16}  # safetensors writes it as BF16
+
+
 def save_autoencoder(model, path: str | os.PathLike, format: str = "diffusers",
                      normalization: LatentNormalization | None = None, *,
-                     overwrite: bool = False, **fields) -> None:
+                     overwrite: bool = False, dtype: str = "float32", **fields) -> None:
   """Writes `model` for PyTorch users, atomically.
 
   format="compvis": one .safetensors file with CompVis keys (ldm_jax's spec and the
@@ -289,8 +294,10 @@ def save_autoencoder(model, path: str | os.PathLike, format: str = "diffusers",
   the latent fields, diffusers' defaults for those not stated (scaling_factor 0.18215).
   The latent fields are `normalization`'s, by default the model's (what its source
   stated); `fields` (scaling_factor=, shift_factor=, latents_mean=, latents_std=,
-  force_upcast=) replace single ones. A previous autoencoder export at `path` is
-  replaced; anything else there is refused unless `overwrite` (see ldm_jax.outputs).
+  force_upcast=) replace single ones. `dtype` ("float32", "float16" or "bfloat16") is
+  the floating-point tensors' type on disk (half the size in 16 bits; loading casts back
+  to float32). A previous autoencoder export at `path` is replaced; anything else there is
+  refused unless `overwrite` (see ldm_jax.outputs).
   """
   spec: AutoencoderSpec = model.spec
   normalization = _normalization(model, normalization, fields)
@@ -300,8 +307,11 @@ def save_autoencoder(model, path: str | os.PathLike, format: str = "diffusers",
     raise ValueError(f"a CompVis export is one .safetensors file; got {path}")
   if format == "compvis" and (problem := compvis_unsupported(spec)):
     raise ValueError(problem)
+  if dtype not in EXPORT_DTYPES:
+    raise ValueError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
   outputs.check_target(path, outputs.AUTOENCODER, overwrite=overwrite)  # before the work
-  tensors = export_state(model)
+  tensors = {name: value.astype(EXPORT_DTYPES[dtype]) if value.dtype.kind == "f" else value
+             for name, value in export_state(model).items()}
   if format == "compvis":
     metadata = {SPEC_METADATA_KEY: json.dumps(_spec_json(spec))}
     if stated := normalization.stated():

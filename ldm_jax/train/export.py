@@ -54,12 +54,14 @@ def check_export_target(workdir: str, out: str, fmt: str, kind: str,
 
 
 def export_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: bool = True,
-                   step: int | None = None, *, overwrite: bool = False) -> int:
-  """Writes the autoencoder of `workdir`'s checkpoint to `out`; returns the step exported."""
+                   step: int | None = None, *, overwrite: bool = False,
+                   dtype: str = "float32") -> int:
+  """Writes the autoencoder of `workdir`'s checkpoint to `out` (its floating-point tensors
+  as `dtype`); returns the step exported."""
   check_export_target(workdir, out, fmt, outputs.AUTOENCODER, overwrite)
   checkpoint.resolve_step(workdir, step)  # a missing step fails before anything is built
   model, restored_step, has_ema = restore_autoencoder(workdir, use_ema, step)
-  save_autoencoder(model, out, format=fmt, overwrite=overwrite,
+  save_autoencoder(model, out, format=fmt, overwrite=overwrite, dtype=dtype,
                    normalization=LatentNormalization.from_config(
                        init_latent_scaling(load_run_config(workdir).train, workdir)))
   logging.info("exported step %d (%s weights) to %s", restored_step,
@@ -143,10 +145,14 @@ def export_ldm_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: 
 
 def export_any_workdir(workdir: str, out: str, fmt: str = "diffusers", use_ema: bool = True,
                        step: int | None = None, *, overwrite: bool = False,
-                       first_stage: str | None = None) -> int:
-  """Exports an autoencoder or an LDM run, whichever `workdir` holds."""
+                       first_stage: str | None = None, dtype: str = "float32") -> int:
+  """Exports an autoencoder or an LDM run, whichever `workdir` holds (`dtype`: the
+  autoencoder's tensors on disk; LDM exports are float32)."""
   config = load_run_config(workdir, first_stage=first_stage)  # first_stage: LDM runs only
   if is_ldm(config):
+    if dtype != "float32":
+      raise ValueError(f"--dtype={dtype} is for autoencoder runs; {workdir} is an LDM run, "
+                       f"whose export is float32")
     return export_ldm_workdir(workdir, out, fmt, use_ema, step, overwrite=overwrite,
                               first_stage=first_stage)
-  return export_workdir(workdir, out, fmt, use_ema, step, overwrite=overwrite)
+  return export_workdir(workdir, out, fmt, use_ema, step, overwrite=overwrite, dtype=dtype)
