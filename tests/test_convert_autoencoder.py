@@ -180,3 +180,30 @@ def test_bfloat16_file_loads(tmp_path):
   np.testing.assert_allclose(exported["decoder.conv_out.weight"],
                              tensors["decoder.conv_out.weight"], rtol=1e-2, atol=1e-3)
   assert jax.tree.leaves(loaded.encode(np.zeros((1, 32, 32, 3), np.float32)).mean)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_export_round_trips_to_rounded_weights(tmp_path, dtype):
+  """save_autoencoder(dtype=): the file holds 16-bit tensors (half the bytes) that load
+  back as float32 equal to the float32 weights rounded to that type; diffusers reads it."""
+  import ml_dtypes
+  model = build_autoencoder(KL_F8_SMALL, rngs=None)
+  full, half = tmp_path / "full.safetensors", tmp_path / f"{dtype}.safetensors"
+  save_autoencoder(model, full, format="compvis")
+  save_autoencoder(model, half, format="compvis", dtype=dtype)
+  stored = load_file(half)
+  assert {str(v.dtype) for v in stored.values()} == {dtype}
+  assert half.stat().st_size < 0.55 * full.stat().st_size
+  want = {k: v.astype(getattr(ml_dtypes, dtype) if dtype == "bfloat16" else np.float16
+                      ).astype(np.float32) for k, v in export_state(model).items()}
+  got = export_state(load_autoencoder(half))
+  assert got.keys() == want.keys()
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  with pytest.raises(ValueError, match="dtype must be one of"):
+    save_autoencoder(model, tmp_path / "x.safetensors", format="compvis", dtype="int8")
+  folder = tmp_path / "diffusers"
+  save_autoencoder(model, folder, format="diffusers", dtype="float16")
+  import diffusers
+  vae = diffusers.AutoencoderKL.from_pretrained(folder)
+  assert vae.decoder.conv_out.weight.dtype == torch.float32  # diffusers casts on load
