@@ -12,7 +12,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ldm_jax.cli import parse_flags
+from ldm_jax import cli
 from ldm_jax.logs import console_logging
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -24,6 +24,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_VERBOSE = flags.DEFINE_boolean("verbose", False, cli.VERBOSE_HELP)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -58,17 +59,10 @@ def main(argv):
     from ldm_jax.train.ldm_trainer import train_and_evaluate
   else:
     from ldm_jax.train.autoencoder_trainer import train_and_evaluate
-  from ldm_jax.convert.files import WeightFileError
-  from ldm_jax.convert.torch_layout import StateMismatchError
-  from ldm_jax.outputs import OutputError
-  from ldm_jax.train.guard import NonFiniteError
-  from ldm_jax.train.resume import WorkdirMismatch
-  try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (NonFiniteError, WorkdirMismatch, OutputError, WeightFileError,
-          StateMismatchError) as e:  # each says what is wrong and what to do
-    raise SystemExit(f"error: {e}") from None
+  # A config, data or weights error, a workdir of another run, a non-finite loss: one
+  # `error:` line (cli.run), each checked before the workdir is made where it can be.
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)  # unknown --config.* keys: one clear line
+  cli.run(main, _VERBOSE)  # errors the user can fix: one line; --verbose: the traceback
