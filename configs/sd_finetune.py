@@ -26,7 +26,7 @@ one offline; see the README). The run exports `workdir/export/pipeline` at the e
 diffusers folder `StableDiffusionPipeline.from_pretrained` loads.
 """
 
-from ldm_jax.config_lib import ldm_config
+from ldm_jax.config_lib import check_variant, ldm_config
 from ldm_jax.train.sd_source import DEFAULTS as PIPELINE
 
 VARIANTS = {  # name: (image size, parameterization)
@@ -36,8 +36,7 @@ VARIANTS = {  # name: (image size, parameterization)
 
 def get_config(arg=None):
   arg = arg or "sd1"
-  if arg not in VARIANTS:
-    raise ValueError(f"unknown config variant {arg!r}; choose one of {sorted(VARIANTS)}")
+  check_variant(arg, VARIANTS, default="sd1")
   size, parameterization = VARIANTS[arg]
   small = arg in ("demo", "tiny")
   config = ldm_config(
