@@ -101,8 +101,9 @@ class DataSpec:
       raise ValueError(f"data.short_side={self.short_side} is below data.image_size="
                        f"{self.image_size}: the crop must fit (0 resizes to image_size)")
     if self.batch_size < 1:
-      raise ValueError(f"data.batch_size={self.batch_size} must be >= 1 (it is the global "
-                       "batch over all hosts and devices)")
+      raise ValueError(f"data.batch_size={self.batch_size} must be >= 1: it is the global "
+                       "batch over all hosts and devices; set --config.data.batch_size to "
+                       "a multiple of the number of devices")
     if self.num_workers < 0:
       raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
     if not 0.0 < self.val_fraction < 1.0:

@@ -157,13 +157,18 @@ def check_config(config: ml_collections.ConfigDict):
 def check_image_size(config: ml_collections.ConfigDict, spec, size: int, what: str) -> None:
   """Images of `size` must give latents the UNet can halve at each of its levels."""
   factor = int(config.first_stage.downsample_factor)
-  if size % factor:
-    raise ValueError(f"{what}={size} is not divisible by the first stage's factor {factor}")
   latent, halvings = size // factor, len(spec.channel_mult) - 1
+  multiple = factor * 2**halvings
+  lower = size // multiple * multiple
+  fix = f"use a multiple of {multiple} (e.g. {lower or multiple} or {lower + multiple})"
+  if size % factor:
+    raise ValueError(f"{what}={size} is not divisible by the first stage's downsampling "
+                     f"factor {factor} (first_stage.downsample_factor), so the latents "
+                     f"would not cover the image: {fix}")
   if latent % 2**halvings:
-    raise ValueError(f"{what}={size} gives latents of {latent}x{latent}, which cannot go "
-                     f"down {halvings} times in the UNet: use a multiple of "
-                     f"{factor * 2**halvings}")
+    raise ValueError(f"{what}={size} gives latents of {latent}x{latent}, which the UNet "
+                     f"cannot halve {halvings} time{'s' if halvings > 1 else ''} "
+                     f"(unet.channel_mult has {halvings + 1} levels): {fix}")
 
 
 def build_model(config: ml_collections.ConfigDict, spec, seed: int):
