@@ -56,7 +56,8 @@ def autoencoder_config(*, kind: str, embed_dim: int, z_channels: int, ch_mult: t
                      image_size=256, batch_size=batch_size, random_crop=True, random_flip=True,
                      num_workers=0, read_threads=8, seed=0, val_fraction=0.05, data_dir="",
                      image_key="image", max_aspect_ratio=4.0, max_image_pixels=89_478_485,
-                     short_side=0, random_channel_order=False)
+                     short_side=0, random_channel_order=False, download=True,
+                     allow_empty_captions=False)  # see ldm_jax/data/spec.py
   config.train = dict(num_steps=1_000_000, log_every=100, eval_every=5000, ckpt_every=5000,
                       keep_checkpoints=3, seed=0, decoder_only=False, init_from="",
                       # With init_from: "auto" also loads a training checkpoint's
@@ -205,7 +206,9 @@ def ldm_config(*, first_stage: dict[str, Any], unet: dict[str, Any], diffusion: 
                      random_flip=True, num_workers=0, read_threads=8, seed=0,
                      val_fraction=0.05, data_dir="", image_key="image", max_aspect_ratio=4.0,
                      max_image_pixels=89_478_485,  # decoding bounds: see data/sources.py
-                     short_side=0, random_channel_order=False)
+                     short_side=0, random_channel_order=False,
+                     download=True,  # tfds: prepare a dataset not in data_dir
+                     allow_empty_captions=False)  # see ldm_jax/data/spec.py
   config.sample = dict(sampler="ddim", steps=50, eta=0.0, guidance_scale=1.0, num=16,
                        every=5000)
   config.train = dict(num_steps=1_000_000, log_every=100, eval_every=5000, ckpt_every=5000,

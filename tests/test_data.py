@@ -392,10 +392,58 @@ def test_check_data_folder_errors(tmp_path):
 
 @pytest.mark.parametrize("name", ["no_such_dataset_xyz", "mnist"])
 def test_tfds_not_prepared_says_how_to_prepare(tmp_path, name):
-  config = _config(source="tfds", path=name, data_dir=str(tmp_path))
+  config = _config(source="tfds", path=name, data_dir=str(tmp_path), download=False)
   with pytest.raises(ValueError, match="array_record") as error:
     sources.check_data(config, process_count=1)
   assert "data_dir" in str(error.value) and name in str(error.value)
+  assert "\n" not in str(error.value)
+  assert os.listdir(tmp_path) in ([], [name])  # nothing downloaded
+
+
+def test_tfds_download_prepares_or_fails_in_one_line(tmp_path, monkeypatch):
+  """data.download=True (the default) runs the builder's download_and_prepare: a dataset
+  that needs no download is prepared and read; one whose download fails (a loopback port
+  nobody listens on: this machine may be offline or not) fails with the line naming
+  data_dir and how to prepare it elsewhere."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from tensorflow_datasets.core.download import downloader
+  monkeypatch.setattr(downloader, "MAX_RETRIES", 0)  # else ~3 minutes of backoff
+
+  class LocalPhotos(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"image": tfds.features.Image(shape=(None, None, 3))}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(4), "validation": self._generate_examples(2)}
+
+    def _generate_examples(self, count):
+      rng = np.random.default_rng(count)
+      for i in range(count):
+        yield i, {"image": _photo(rng, 36, 40)}
+
+  class LoopbackPhotos(LocalPhotos):
+    def _split_generators(self, dl_manager):
+      dl_manager.download("http://127.0.0.1:9/photos.zip")  # refused at once
+      return super()._split_generators(dl_manager)
+
+  calls = []
+  prepare = tfds.core.DatasetBuilder.download_and_prepare
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                      lambda self, **kw: calls.append(self.name) or prepare(self, **kw))
+  local = _config(source="tfds", path="local_photos", data_dir=str(tmp_path), batch_size=2)
+  sources.check_data(local, process_count=1)
+  assert calls == ["local_photos"] and len(sources.make_source(local, "train")) == 4
+  offline = _config(source="tfds", path="loopback_photos", data_dir=str(tmp_path / "dl"))
+  with pytest.raises(ValueError) as error:
+    sources.check_data(offline, process_count=1)
+  message = str(error.value)
+  assert calls[-1] == "loopback_photos" and "\n" not in message
+  assert message.startswith("TFDS dataset 'loopback_photos' could not be downloaded and "
+                            f"prepared in data_dir='{tmp_path / 'dl'}' (")
+  assert "`tfds build loopback_photos --file_format=array_record" in message
 
 
 def test_tfds_prepared_array_record(tmp_path):

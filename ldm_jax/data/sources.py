@@ -265,11 +265,12 @@ def _glob(pattern: str) -> list[str]:
 
 
 def _tfds(data: DataSpec, split: str) -> Source:
-  """A prepared TFDS dataset in array_record format, read without TensorFlow.
+  """A TFDS dataset in array_record format, read without TensorFlow; downloaded and
+  prepared in data_dir first when it is not there and `data.download` allows it.
 
-  The builder is only asked whether the data is on disk: `tfds.data_source` with
-  download=False never reaches the network, which on an offline machine would hang or fail
-  with an unhelpful download error.
+  Reading never reaches the network (`tfds.data_source` with download=False): only the
+  explicit preparation does, so an offline failure is reported as one, with how to
+  prepare the dataset elsewhere.
   """
   import tensorflow_datasets as tfds
   name = data.path
@@ -287,8 +288,11 @@ def _tfds(data: DataSpec, split: str) -> Source:
     raise ValueError(f"TFDS dataset {name!r} is neither a registered dataset nor prepared in "
                      f"{where}; {how}") from e
   if not builder.is_prepared():
-    raise ValueError(f"TFDS dataset {name!r} is not prepared in {where} (datasets cannot be "
-                     f"downloaded here); {how}")
+    if not data.download:
+      raise ValueError(f"TFDS dataset {name!r} is not prepared in {where} and "
+                       f"data.download=False; {how} (or set data.download=True where the "
+                       f"machine can download)")
+    _download_and_prepare(builder, name, data_dir, where, how)
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
     raise ValueError(f"TFDS dataset {name!r} in {where} is stored as "
                      f"{builder.info.file_format.value}, but random access needs array_record: "
@@ -305,6 +309,30 @@ def _tfds(data: DataSpec, split: str) -> Source:
   records = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                              decoders={image_key: tfds.decode.SkipDecoding()})
   return Source(records, f"tfds:{name}/{split}")
+
+
+def _download_and_prepare(builder, name: str, data_dir: str | None, where: str,
+                          how: str) -> None:
+  """Downloads and prepares `builder`'s dataset as array_record, or fails in one line."""
+  import jax
+  if jax.process_count() > 1 and fs.is_remote(data_dir or ""):
+    # Every host would prepare the same shared folder at once.
+    raise ValueError(f"TFDS dataset {name!r} is not prepared in {where}, which the "
+                     f"{jax.process_count()} processes share: prepare it once before the "
+                     f"run ({how})")
+  logging.warning("TFDS dataset %r is not prepared in %s: downloading and preparing it "
+                  "(data.download=True). Offline, TFDS retries for about 3 minutes before "
+                  "giving up; data.download=False fails at once", name, where)
+  try:
+    builder.download_and_prepare(file_format="array_record")
+  except Exception as e:  # pylint: disable=broad-except  # network, disk, manual archives
+    cause = e
+    while cause.__cause__ is not None or cause.__context__ is not None:
+      cause = cause.__cause__ or cause.__context__
+    detail = " ".join(str(cause).split())[:300]
+    raise ValueError(f"TFDS dataset {name!r} could not be downloaded and prepared in {where} "
+                     f"({type(cause).__name__}: {detail}); if this machine cannot download, "
+                     f"{how}") from e
 
 
 # data.source -> the function making its Source (spec.SOURCES names the same keys).
