@@ -51,12 +51,12 @@ def main(argv):
   from ldm_jax.train import sd_source
 
   data = DataSpec.from_config(config.data)
-  check_data(data)
   if config.cond.get("train_text_encoder", False):
     raise app.UsageError("cond.train_text_encoder=True: the text encoder's outputs change "
                          "as it trains, so a latent cache cannot hold them; train from "
                          "images")
   conditions = condition_spec(config)
+  check_data(data, conditions=conditions)  # what the cache stores beside each latent too
   encode_fields = None
   if sd_source.is_sd(config):  # the pipeline's VAE, and its frozen text encoder's outputs
     pipe = sd_source.load(config)

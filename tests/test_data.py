@@ -168,6 +168,69 @@ def test_arrayrecord_source(tmp_path):
   assert len(set(digests)) == 10
 
 
+def test_arrayrecord_msgpack_records_and_their_checks(tmp_path):
+  """A record is the encoded image or a msgpack map holding it under data.image_key (and
+  the conditions under their keys); the first record is checked for the keys the run
+  reads before anything else happens."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  from flax import serialization
+
+  from ldm_jax.data.conditions import ConditionSpec
+  from ldm_jax.data.tokenizer import make_tokenizer
+  rng = np.random.default_rng(2)
+  png = _encoded(_photo(rng, 36, 40), "PNG")
+  assert sources.record_value(png) == png  # 0x89 starts a msgpack map too
+  record = serialization.msgpack_serialize({"image": png, "caption": "a cat", "label": 3})
+  assert sources.record_value(record) == {"image": png, "caption": "a cat", "label": 3}
+  assert sources.record_value(b"\x81\x01\x02") == b"\x81\x01\x02"  # an int key: not ours
+
+  def write(name, records):
+    writer = ArrayRecordWriter(str(tmp_path / name), "group_size:1")
+    for r in records:
+      writer.write(r)
+    writer.close()
+    return _config(source="arrayrecord", path=str(tmp_path / name), batch_size=2)
+
+  both = ConditionSpec(fields=("label", "tokens"), tokenizer=make_tokenizer("", 16))
+  maps = write("maps.array_record", [record] * 4)
+  sources.check_data(maps, process_count=1, conditions=both)
+  batch = next(pipeline.train_iterator(maps, global_batch_size=2, seed=0, process_index=0,
+                                       process_count=1, conditions=both))
+  assert list(batch["label"]) == [3, 3] and batch["image"].shape == (2, 32, 32, 3)
+  renamed = write("renamed.array_record",
+                  [serialization.msgpack_serialize({"img": png, "text": "a cat"})] * 4)
+  with pytest.raises(ValueError, match=r"record 0 of .* has keys \['img', 'text'\] but no "
+                     r"'image': set --config.data.image_key"):
+    sources.check_data(renamed, process_count=1)
+  import dataclasses
+  renamed = dataclasses.replace(renamed, image_key="img")
+  sources.check_data(renamed, process_count=1)  # images only: the caption is not read
+  with pytest.raises(ValueError, match=r"record 0 of .*: no 'caption' key \(the record has "
+                     r"\['img', 'text'\]\): set cond.caption_key"):
+    sources.check_data(renamed, process_count=1, conditions=ConditionSpec(
+        fields=("tokens",), tokenizer=make_tokenizer("", 16)))
+  junk = write("junk.array_record", [b"not an image %d" % i for i in range(4)])
+  with pytest.raises(ValueError, match="encoded image bytes or a msgpack map"):
+    sources.check_data(junk, process_count=1)
+
+
+def test_text_runs_refuse_a_folder_without_captions(tmp_path):
+  from ldm_jax.data.conditions import ConditionSpec
+  from ldm_jax.data.tokenizer import make_tokenizer
+  text = ConditionSpec(fields=("tokens",), tokenizer=make_tokenizer("", 16))
+  rng = np.random.default_rng(3)
+  for i in range(4):
+    Image.fromarray(_photo(rng, 36, 36)).save(tmp_path / f"{i}.png")
+  config = _config(source="folder", path=str(tmp_path), batch_size=2)
+  sources.check_data(config, process_count=1)  # an autoencoder reads no captions
+  with pytest.raises(ValueError, match="none of the 4 images under .* has a caption .*"
+                     "allow_empty_captions=True"):
+    sources.check_data(config, process_count=1, conditions=text)
+  import dataclasses
+  sources.check_data(dataclasses.replace(config, allow_empty_captions=True), process_count=1,
+                     conditions=text)
+
+
 # --- pipeline --------------------------------------------------------------------------------
 
 def test_random_channel_order_permutes_the_same_crops():

@@ -59,7 +59,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str,
   check_config(config)  # the config alone first: its errors before any data or weights
   data = DataSpec.from_config(config.data)
   if check_training_data and not config.first_stage.cache_dir:
-    check_data(data)
+    check_data(data, conditions=condition_spec(config))  # its captions / labels too
   layout = mesh_lib.Layout.from_config(config.train)
   global_batch = data.batch_size
   mesh_lib.check_batch(global_batch, layout.mesh)
