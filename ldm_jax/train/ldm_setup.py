@@ -83,6 +83,7 @@ def unet_spec(config: ml_collections.ConfigDict):
 def check_config(config: ml_collections.ConfigDict):
   """The UNet spec, after failing with a clear message on anything inconsistent."""
   from ldm_jax.diffusion.samplers import SAMPLERS
+  config = sd_source.resolve(config)  # an SD config's first stage numbers: the pipeline's
   for block, known in KNOWN_KEYS.items():
     unknown = sorted(set((config.get(block) or {}).keys()) - known)
     if unknown:
@@ -123,6 +124,9 @@ def check_config(config: ml_collections.ConfigDict):
   if cond.kind == "none" and spec.use_spatial_transformer:
     raise ValueError("a model without a class or text condition has no context for "
                      "cross-attention: set unet.use_spatial_transformer=False")
+  if int(config.first_stage.downsample_factor) < 1:
+    raise ValueError(f"first_stage.downsample_factor={config.first_stage.downsample_factor}: "
+                     f"set it to the first stage's downsampling factor (8 for KL-f8)")
   check_image_size(config, spec, data.image_size, "data.image_size")
   if config.sample.sampler not in SAMPLERS:
     raise ValueError(f"sample.sampler={config.sample.sampler!r}; choose one of {SAMPLERS}")

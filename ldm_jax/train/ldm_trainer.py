@@ -56,6 +56,7 @@ class LDMRun:
 def build_run(config: ml_collections.ConfigDict, workdir: str,
               check_training_data: bool = True) -> LDMRun:
   """Loads and checks everything; nothing is compiled yet."""
+  config = sd_source.resolve(config)  # an SD config's first stage numbers: the pipeline's
   check_config(config)  # the config alone first: its errors before any data or weights
   data = DataSpec.from_config(config.data)
   if check_training_data and not config.first_stage.cache_dir:
@@ -199,7 +200,8 @@ def grid(images: np.ndarray, columns: int = 4) -> np.ndarray:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) until config.train.num_steps (see `train.loop`); returns the last
   training scalars and FID / IS."""
-  return loop.train(config, workdir, setup)
+  # Resolved before the loop compares it with a saved config.json and saves it.
+  return loop.train(sd_source.resolve(config), workdir, setup)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
