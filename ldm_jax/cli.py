@@ -80,8 +80,14 @@ def _raised_in_package(error: BaseException) -> bool:
 
 
 def one_line(error: BaseException | str) -> str:
-  """The message on one line (a message may hold a hint on a line of its own)."""
-  return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+  """The message on one line. Some messages list items on lines of their own (the keys a
+  resume changed, the tensors that do not fit) or put a hint below: the lines are joined
+  with "; ", or a space after a line that ends a sentence or opens a list."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  out = lines[:1]
+  for line in lines[1:]:
+    out.append((" " if out[-1][-1] in ".:;,(" else "; ") + line)
+  return "".join(out)
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None,
