@@ -1,8 +1,9 @@
 """Where the images come from: one random-access source per (DataSpec, split), and the check.
 
 The settings are a `spec.DataSpec` (built once from `config.data` at the top of a run);
-this module uses source, path, split, val_split, val_fraction, data_dir, image_key and
-the decoding bounds, and `check_data` checks batch_size against the number of hosts.
+this module uses source, path, split, val_split, val_fraction, data_dir, download,
+image_key and the decoding bounds, and `check_data` checks batch_size against the number
+of hosts and, for text runs on a folder, allow_empty_captions.
 
 Sources return records undecoded (file paths, encoded bytes, arrays or dicts: TFDS
 features, ArrayRecord msgpack maps): the pipeline decodes them, so a broken file is
@@ -16,6 +17,7 @@ keys: the encoded image under `data.image_key`, and the caption (text) / class l
 (int) under the config's `cond.caption_key` / `cond.label_key`. msgpack rather than a
 `tf.train.Example`: reading it needs no TensorFlow (in the training process and every
 grain worker), msgpack ships with flax, and every language has a writer for it.
+
 An image folder's files with other extensions are counted (`ignored_files`) and logged
 once per folder; a `.txt` caption beside an image is expected and not counted.
 """
