@@ -5,8 +5,8 @@ config value, a missing or wrong file, data that cannot train) ends it with one 
 `error: <what>, <why>, <how to fix>`, and exit status 1, before anything is written where
 possible. `--verbose` (each command defines it: library modules define no flags) or absl's
 `-v 1` shows the traceback instead. A user error is an exception raised by ldm_jax's own
-code as a ValueError or OSError, or of a class ldm_jax defines: those carry a message
-written for the user. Anything raised inside a library (jax, orbax, grain) keeps its
+code as a ValueError or OSError, of a class ldm_jax defines, or absl's UsageError (which
+absl would print below the whole --help): those carry a message written for the user. Anything raised inside a library (jax, orbax, grain) keeps its
 traceback, since that is a bug to report rather than an input to fix.
 
 ml_collections' config_flags turns an override of a key the config does not have into
@@ -64,8 +64,8 @@ def is_user_error(error: BaseException) -> bool:
   """Whether `error` says what the user should fix: a class ldm_jax defines (a workdir
   mismatch, a weight file of the wrong kind, a non-finite loss), or a ValueError /
   OSError raised by ldm_jax's code (its checks of configs, flags, paths and data)."""
-  if type(error).__module__.split(".")[0] == "ldm_jax":
-    return True
+  if type(error).__module__.split(".")[0] == "ldm_jax" or isinstance(error, app.UsageError):
+    return True  # (absl would print the whole --help above a UsageError's message)
   return isinstance(error, USER_ERRORS) and _raised_in_package(error)
 
 
