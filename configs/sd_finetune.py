@@ -6,10 +6,11 @@
 
 `pipeline.path` (a diffusers folder or an SD single file; `pipeline.tokenizer` for a
 single file, `pipeline.prediction_type=v` for an SD2-768 single file) gives the UNet's
-architecture and initial weights, the VAE (the frozen first stage, with the latent scale
-it states), the CLIP text encoder and tokenizer, and the noise schedule; the config's
-`diffusion` block states the schedule too and must agree with the pipeline's scheduler
-(ldm_jax.train.sd_source). When `first_stage.path` is set it replaces `pipeline.path` (it
+architecture and initial weights, the VAE (the frozen first stage, with its downsampling
+factor and the latent scale it states: `first_stage.downsample_factor=0` here means the
+pipeline's, filled in when the run starts), the CLIP text encoder and tokenizer, and the
+noise schedule; the config's `diffusion` block states the schedule too and must agree
+with the pipeline's scheduler (ldm_jax.train.sd_source). When `first_stage.path` is set it replaces `pipeline.path` (it
 is what `--first_stage=PATH` sets for sample / export / evaluate when the pipeline moved).
 
 The recipe is diffusers' train_text_to_image.py (REFERENCE section 8): AdamW lr 1e-4
@@ -20,13 +21,13 @@ steps then constant, an EMA of the weights (0.9999), the VAE and text encoder fr
 `optim.scale_lr=False` (True multiplies the rate by the global batch, as LDM configs do).
 
 Variants: `sd1` (the default; SD1.x at 512 px, eps), `sd2` (SD2-base at 512 px, eps),
-`sd2_v` (SD2 at 768 px, v objective), and for CPUs `demo` / `tiny`, which expect a small
-random pipeline of SD's topology whose VAE downsamples by 2 (tests/sd_fixtures.py makes
-one offline; see the README). The run exports `workdir/export/pipeline` at the end, a
+`sd2_v` (SD2 at 768 px, v objective), and for CPUs `demo` / `tiny`, made for a small
+random pipeline of SD's topology (tests/sd_fixtures.py makes one offline, its VAE
+downsampling by 2; see the README): image sizes of 64 and 16 pixels. The run exports `workdir/export/pipeline` at the end, a
 diffusers folder `StableDiffusionPipeline.from_pretrained` loads.
 """
 
-from ldm_jax.config_lib import ldm_config
+from ldm_jax.config_lib import check_variant, ldm_config
 from ldm_jax.train.sd_source import DEFAULTS as PIPELINE
 
 VARIANTS = {  # name: (image size, parameterization)
@@ -36,12 +37,13 @@ VARIANTS = {  # name: (image size, parameterization)
 
 def get_config(arg=None):
   arg = arg or "sd1"
-  if arg not in VARIANTS:
-    raise ValueError(f"unknown config variant {arg!r}; choose one of {sorted(VARIANTS)}")
+  check_variant(arg, VARIANTS, default="sd1")
   size, parameterization = VARIANTS[arg]
   small = arg in ("demo", "tiny")
   config = ldm_config(
-      first_stage=dict(kind="kl", downsample_factor=2 if small else 8),
+      # 0: the pipeline's VAE's factor, as its scale (sd_source.resolve); a number here
+      # must equal it.
+      first_stage=dict(kind="kl", downsample_factor=0),
       unet=dict(remat=not small),  # the architecture is the pipeline's
       # SD1 and SD2: scaled_linear betas 0.00085..0.012 over 1000 steps, CompVis's "linear".
       diffusion=dict(timesteps=1000, beta_schedule="linear", linear_start=0.00085,

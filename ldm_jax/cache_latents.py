@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from ldm_jax.cli import parse_flags
+from ldm_jax import cli
 from ldm_jax.logs import console_logging
 from ml_collections import config_flags
 
@@ -23,6 +23,7 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "Encoding batch (default: data
 _OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Write into --out even when it holds "
                                   "files that are not a latent cache (same-named shards are "
                                   "replaced, nothing else is touched).")
+_VERBOSE = flags.DEFINE_boolean("verbose", False, cli.VERBOSE_HELP)
 flags.mark_flags_as_required(["config"])
 
 
@@ -41,7 +42,7 @@ def main(argv):
   try:
     latents.check_cache_dir(out, overwrite=_OVERWRITE.value)  # before anything is loaded
   except OutputError as e:
-    raise SystemExit(f"error: {e}") from None
+    cli.fail(e, _VERBOSE.value)
   from ldm_jax.data.sources import check_data
   from ldm_jax.data.spec import DataSpec
   from ldm_jax.train.first_stage import load_first_stage
@@ -50,12 +51,12 @@ def main(argv):
   from ldm_jax.train import sd_source
 
   data = DataSpec.from_config(config.data)
-  check_data(data)
   if config.cond.get("train_text_encoder", False):
     raise app.UsageError("cond.train_text_encoder=True: the text encoder's outputs change "
                          "as it trains, so a latent cache cannot hold them; train from "
                          "images")
   conditions = condition_spec(config)
+  check_data(data, conditions=conditions)  # what the cache stores beside each latent too
   encode_fields = None
   if sd_source.is_sd(config):  # the pipeline's VAE, and its frozen text encoder's outputs
     pipe = sd_source.load(config)
@@ -84,4 +85,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)  # unknown --config.* keys: one clear line
+  cli.run(main, _VERBOSE)  # errors the user can fix (--config.* keys too): one line

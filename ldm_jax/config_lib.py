@@ -7,6 +7,7 @@ None for the published model, "demo" for a few minutes on a CPU, "tiny" for test
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import ml_collections
@@ -14,13 +15,25 @@ import ml_collections
 VARIANTS = (None, "", "demo", "tiny")
 
 
+def check_variant(arg: str | None, choices, default: str = "") -> None:
+  """Refuses a variant name a config file does not know (`--config=FILE:dmeo`), with the
+  closest name: a typo would otherwise fail far from the flag, or not at all."""
+  if arg in choices:
+    return
+  names = [c for c in choices if c]
+  close = difflib.get_close_matches(str(arg), names, n=1)
+  hint = f" (did you mean {close[0]!r}?)" if close else ""
+  none = f"{default}, the default" if default else "the published model"
+  raise ValueError(f"unknown config variant {arg!r}{hint}: choose "
+                   f"{', '.join(n for n in names if n != default)}, or no variant ({none})")
+
+
 def autoencoder_config(*, kind: str, embed_dim: int, z_channels: int, ch_mult: tuple[int, ...],
                        attn_resolutions: tuple[int, ...] = (), n_embed: int = 0,
                        batch_size: int, loss: dict[str, Any], attn_type: str = "vanilla",
                        arg: str | None = None) -> ml_collections.ConfigDict:
   """A first-stage config with the latent-diffusion defaults, then the model's own numbers."""
-  if arg not in VARIANTS:
-    raise ValueError(f"unknown config variant {arg!r}; choose one of: demo, tiny (or none)")
+  check_variant(arg, VARIANTS)
   config = ml_collections.ConfigDict()
   config.model = dict(
       kind=kind, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=tuple(ch_mult),
@@ -43,7 +56,8 @@ def autoencoder_config(*, kind: str, embed_dim: int, z_channels: int, ch_mult: t
                      image_size=256, batch_size=batch_size, random_crop=True, random_flip=True,
                      num_workers=0, read_threads=8, seed=0, val_fraction=0.05, data_dir="",
                      image_key="image", max_aspect_ratio=4.0, max_image_pixels=89_478_485,
-                     short_side=0, random_channel_order=False)
+                     short_side=0, random_channel_order=False, download=True,
+                     allow_empty_captions=False)  # see ldm_jax/data/spec.py
   config.train = dict(num_steps=1_000_000, log_every=100, eval_every=5000, ckpt_every=5000,
                       keep_checkpoints=3, seed=0, decoder_only=False, init_from="",
                       # With init_from: "auto" also loads a training checkpoint's
@@ -108,9 +122,7 @@ def vae_finetune_config(*, finetunes: str, z_channels: int, quant_convs: bool,
   topology can be tried without the download. `finetunes` names the weights for the error
   a run without `train.init_from` gets.
   """
-  if arg not in FINETUNE_VARIANTS:
-    raise ValueError(f"unknown config variant {arg!r}; choose one of: decoder (the "
-                     "default), full, demo, tiny")
+  check_variant(arg, FINETUNE_VARIANTS, default="decoder")
   small = arg in ("demo", "tiny")
   config = autoencoder_config(
       kind="kl", embed_dim=z_channels, z_channels=z_channels, ch_mult=(1, 2, 4, 4),
@@ -156,8 +168,7 @@ def ldm_config(*, first_stage: dict[str, Any], unet: dict[str, Any], diffusion: 
   condition, `cond.concat` (none | low_res | inpaint) what is concatenated to the latent;
   both together are the reference's "hybrid" (see ldm_jax.train.concat).
   """
-  if arg not in VARIANTS:
-    raise ValueError(f"unknown config variant {arg!r}; choose one of: demo, tiny (or none)")
+  check_variant(arg, VARIANTS)
   config = ml_collections.ConfigDict()
   config.stage = "ldm"
   # Latents are normalized as (z - shift_factor) * scale_factor. latent_scaling="auto"
@@ -195,7 +206,9 @@ def ldm_config(*, first_stage: dict[str, Any], unet: dict[str, Any], diffusion: 
                      random_flip=True, num_workers=0, read_threads=8, seed=0,
                      val_fraction=0.05, data_dir="", image_key="image", max_aspect_ratio=4.0,
                      max_image_pixels=89_478_485,  # decoding bounds: see data/sources.py
-                     short_side=0, random_channel_order=False)
+                     short_side=0, random_channel_order=False,
+                     download=True,  # tfds: prepare a dataset not in data_dir
+                     allow_empty_captions=False)  # see ldm_jax/data/spec.py
   config.sample = dict(sampler="ddim", steps=50, eta=0.0, guidance_scale=1.0, num=16,
                        every=5000)
   config.train = dict(num_steps=1_000_000, log_every=100, eval_every=5000, ckpt_every=5000,

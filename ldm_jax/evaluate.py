@@ -31,6 +31,7 @@ from absl import app, flags
 from ldm_jax.diffusion.samplers import SAMPLERS
 from ldm_jax.eval.workdir import (apply_overrides, check_reports, is_ldm, load_run_config,
                                   markdown_table)
+from ldm_jax import cli
 from ldm_jax.logs import console_logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -65,6 +66,7 @@ _TILE = flags.DEFINE_integer("tile", 0, "Encode and decode (LDM: decode the samp
                              "(one host); 0 = whole images.", lower_bound=0)
 _TILE_OVERLAP = flags.DEFINE_float("tile_overlap", 0.25, "Tiles' overlap, as a fraction of the "
                                    "tile.", lower_bound=0.0, upper_bound=0.5)
+_VERBOSE = flags.DEFINE_boolean("verbose", False, cli.VERBOSE_HELP)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -92,9 +94,9 @@ def main(argv):
       report = evaluate_autoencoder_workdir(_WORKDIR.value, config, _STEP.value,
                                             tile=_TILE.value, overlap=_TILE_OVERLAP.value)
   except (FileNotFoundError, ValueError) as e:  # missing files, bad config: no traceback
-    raise SystemExit(f"error: {e}") from None
+    cli.fail(e, _VERBOSE.value)
   print(markdown_table(report))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _VERBOSE)

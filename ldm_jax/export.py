@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from ldm_jax import cli
 from ldm_jax.logs import console_logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -31,6 +32,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"
 _FIRST_STAGE = flags.DEFINE_string("first_stage", None,
                                    "LDM: the first stage's workdir or weights, when it moved "
                                    "since training (replaces config.first_stage.path).")
+_VERBOSE = flags.DEFINE_boolean("verbose", False, cli.VERBOSE_HELP)
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -41,13 +43,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console_logging()
   from ldm_jax.train.export import export_any_workdir
-  try:
-    export_any_workdir(_WORKDIR.value, _OUT.value, _FORMAT.value, _EMA.value, _STEP.value,
-                       overwrite=_OVERWRITE.value, first_stage=_FIRST_STAGE.value,
-                       dtype=_DTYPE.value)
-  except (ValueError, FileNotFoundError) as e:  # a wrong workdir, target, format or step
-    raise SystemExit(f"error: {e}") from None  # not app.UsageError: it prints all the help
+  # A wrong workdir, target, format or step: one `error:` line (cli.run), not
+  # app.UsageError, which prints all the help.
+  export_any_workdir(_WORKDIR.value, _OUT.value, _FORMAT.value, _EMA.value, _STEP.value,
+                     overwrite=_OVERWRITE.value, first_stage=_FIRST_STAGE.value,
+                     dtype=_DTYPE.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _VERBOSE)

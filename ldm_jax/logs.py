@@ -27,10 +27,11 @@ class _QuietLibraries:
 
 
 def console_logging() -> None:
-  """INFO verbosity with the libraries' chatter filtered. The filter sits on the absl
-  handler itself: that handler forwards records through emit(), which skips the filters
-  of the handler it forwards to."""
-  logging.set_verbosity(logging.INFO)
+  """INFO verbosity (DEBUG kept when -v 1 asked for it: the commands also show tracebacks
+  then) with the libraries' chatter filtered. The filter sits on the absl handler itself:
+  that handler forwards records through emit(), which skips the filters of the handler it
+  forwards to."""
+  logging.set_verbosity(max(logging.get_verbosity(), logging.INFO))
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
     handler.addFilter(_QuietLibraries())

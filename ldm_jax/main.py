@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ldm_jax.cli import parse_flags
+from ldm_jax import cli
 from ldm_jax.logs import console_logging
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -26,6 +26,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_VERBOSE = flags.DEFINE_boolean("verbose", False, cli.VERBOSE_HELP)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -60,16 +61,13 @@ def main(argv):
     from ldm_jax.train.ldm_trainer import train_and_evaluate
   else:
     from ldm_jax.train.autoencoder_trainer import train_and_evaluate
-  from ldm_jax.convert.files import WeightFileError
-  from ldm_jax.convert.torch_layout import StateMismatchError
-  from ldm_jax.outputs import OutputError
   from ldm_jax.logs import disk_full
   from ldm_jax.train.checkpoint import CheckpointWriteError
-  from ldm_jax.train.guard import NonFiniteError
   from ldm_jax.train.loop import RunStopped
   from ldm_jax.train.preemption import SIGINT_EXIT
-  from ldm_jax.train.resume import WorkdirMismatch
-  from ldm_jax.train.workdir_lock import WorkdirLocked
+  # A config, data or weights error, a workdir of another run or one held by a live run, a
+  # non-finite loss: one `error:` line (cli.run), each checked before the workdir is made
+  # where it can be. What is handled here is what cli.run cannot end the usual way.
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except RunStopped as e:  # SIGTERM or Ctrl-C: saved; the run's one closing line
@@ -79,9 +77,6 @@ def main(argv):
   except KeyboardInterrupt:  # Ctrl-C before the first step: there was nothing to save
     logging.warning("interrupted before training started: nothing was saved")
     sys.exit(SIGINT_EXIT)
-  except (NonFiniteError, WorkdirMismatch, OutputError, WeightFileError, StateMismatchError,
-          WorkdirLocked) as e:  # each says what is wrong and what to do
-    raise SystemExit(f"error: {e}") from None
   except Exception as e:  # pylint: disable=broad-except
     if isinstance(e, CheckpointWriteError):
       message = str(e)
@@ -89,6 +84,8 @@ def main(argv):
       message = (f"no space left on device under {_WORKDIR.value}; free space and rerun the "
                  f"same command to resume from the last complete checkpoint")
     else:
+      raise
+    if _VERBOSE.value:
       raise
     # orbax's writer threads may still hold failing writes: exiting normally would wait on
     # them and print their tracebacks at interpreter shutdown.
@@ -98,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)  # unknown --config.* keys: one clear line
+  cli.run(main, _VERBOSE)  # errors the user can fix: one line; --verbose: the traceback

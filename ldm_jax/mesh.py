@@ -187,10 +187,12 @@ def check_batch(global_batch: int, mesh: Mesh) -> None:
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if global_batch % shards:
     raise ValueError(f"data.batch_size={global_batch} is not divisible by the {shards} batch "
-                     f"shards of the mesh {dict(mesh.shape)}; use a multiple of {shards}")
+                     f"shards of the mesh {dict(mesh.shape)}, each of which takes an equal "
+                     f"part of every batch: use a multiple of {shards}")
   if global_batch % jax.process_count():
     raise ValueError(f"data.batch_size={global_batch} is not divisible by the "
-                     f"{jax.process_count()} processes")
+                     f"{jax.process_count()} processes, each of which reads an equal part "
+                     f"of every batch: use a multiple of {jax.process_count()}")
 
 
 @dataclasses.dataclass(frozen=True)

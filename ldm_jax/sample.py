@@ -32,6 +32,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 
 from ldm_jax.diffusion.samplers import SAMPLERS
+from ldm_jax import cli
 from ldm_jax.logs import console_logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The LDM training run's workdir "
@@ -87,6 +88,7 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the newest.
 _FIRST_STAGE = flags.DEFINE_string("first_stage", None,
                                    "The first stage's workdir or weights, when it moved "
                                    "since training (replaces config.first_stage.path).")
+_VERBOSE = flags.DEFINE_boolean("verbose", False, cli.VERBOSE_HELP)
 # Flags that only one of the two modes reads: naming one in the other mode is an error,
 # not a silent no-op.
 _WORKDIR_ONLY = (_CLASS, _STEP, _FIRST_STAGE)
@@ -150,7 +152,7 @@ def main(argv):
       raise ValueError("--negative_prompt needs a text-conditional model")
 
   except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f"error: {e}") from None
+    cli.fail(e, _VERBOSE.value)
   if _GUIDANCE.value is not None and _GUIDANCE.value < 0:
     logging.warning("--guidance=%g is negative: samples are pushed away from the condition "
                     "(1 = no guidance, above 1 follows it more closely)", _GUIDANCE.value)
@@ -177,7 +179,7 @@ def main(argv):
       raise ValueError(f"--tile={_TILE.value} must be a multiple of the first stage's "
                        f"downsampling factor {factor}")
   except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f"error: {e}") from None
+    cli.fail(e, _VERBOSE.value)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         abstract_state(config, run.spec, run.programs))
@@ -309,7 +311,7 @@ def _pipeline_main():
   try:
     checked = _pipeline_checks()
   except ValueError as e:  # OutputError is one
-    raise SystemExit(f"error: {e}") from None
+    cli.fail(e, _VERBOSE.value)
   s, arrays, out = checked["settings"], checked["arrays"], checked["out"]
   kind = ("inpaint" if "mask" in checked["photos"] else
           "img2img" if "image" in checked["photos"] else "txt2img")
@@ -345,7 +347,7 @@ def _pipeline_main():
       raise ValueError(f"--init_noise holds shape {arrays['init_noise'].shape}; these "
                        f"images need {latent}")
   except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f"error: {e}") from None
+    cli.fail(e, _VERBOSE.value)
 
   s["height"], s["width"] = (int(v) for v in size)  # the settings that reproduce it
   common = dict(negative_prompt=s["negative_prompt"], steps=s["steps"],
@@ -414,4 +416,4 @@ def _write_samples(images, path: str, settings: dict, individual: bool) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _VERBOSE)

@@ -135,6 +135,15 @@ def test_not_a_checkpoint(tmp_path):
   save_file({"foo.weight": np.zeros((2, 2), np.float32)}, tmp_path / "other.safetensors")
   with pytest.raises(ValueError, match="not a first-stage autoencoder"):
     load_autoencoder(tmp_path / "other.safetensors")
+  # A diffusers folder of another model is named by its config.json, before its tensors.
+  unet = tmp_path / "unet"
+  unet.mkdir()
+  (unet / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+  save_file({"conv_in.weight": np.zeros((2, 2), np.float32)},
+            unet / "diffusion_pytorch_model.safetensors")
+  with pytest.raises(WeightFileError, match=r"holds a diffusers UNet2DConditionModel .*, not "
+                     r"an autoencoder: give an AutoencoderKL or VQModel folder"):
+    load_autoencoder(unet)
 
 
 def test_config_that_does_not_match_lists_every_problem(tmp_path):

@@ -168,6 +168,69 @@ def test_arrayrecord_source(tmp_path):
   assert len(set(digests)) == 10
 
 
+def test_arrayrecord_msgpack_records_and_their_checks(tmp_path):
+  """A record is the encoded image or a msgpack map holding it under data.image_key (and
+  the conditions under their keys); the first record is checked for the keys the run
+  reads before anything else happens."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  from flax import serialization
+
+  from ldm_jax.data.conditions import ConditionSpec
+  from ldm_jax.data.tokenizer import make_tokenizer
+  rng = np.random.default_rng(2)
+  png = _encoded(_photo(rng, 36, 40), "PNG")
+  assert sources.record_value(png) == png  # 0x89 starts a msgpack map too
+  record = serialization.msgpack_serialize({"image": png, "caption": "a cat", "label": 3})
+  assert sources.record_value(record) == {"image": png, "caption": "a cat", "label": 3}
+  assert sources.record_value(b"\x81\x01\x02") == b"\x81\x01\x02"  # an int key: not ours
+
+  def write(name, records):
+    writer = ArrayRecordWriter(str(tmp_path / name), "group_size:1")
+    for r in records:
+      writer.write(r)
+    writer.close()
+    return _config(source="arrayrecord", path=str(tmp_path / name), batch_size=2)
+
+  both = ConditionSpec(fields=("label", "tokens"), tokenizer=make_tokenizer("", 16))
+  maps = write("maps.array_record", [record] * 4)
+  sources.check_data(maps, process_count=1, conditions=both)
+  batch = next(pipeline.train_iterator(maps, global_batch_size=2, seed=0, process_index=0,
+                                       process_count=1, conditions=both))
+  assert list(batch["label"]) == [3, 3] and batch["image"].shape == (2, 32, 32, 3)
+  renamed = write("renamed.array_record",
+                  [serialization.msgpack_serialize({"img": png, "text": "a cat"})] * 4)
+  with pytest.raises(ValueError, match=r"record 0 of .* has keys \['img', 'text'\] but no "
+                     r"'image': set --config.data.image_key"):
+    sources.check_data(renamed, process_count=1)
+  import dataclasses
+  renamed = dataclasses.replace(renamed, image_key="img")
+  sources.check_data(renamed, process_count=1)  # images only: the caption is not read
+  with pytest.raises(ValueError, match=r"record 0 of .*: no 'caption' key \(the record has "
+                     r"\['img', 'text'\]\): set cond.caption_key"):
+    sources.check_data(renamed, process_count=1, conditions=ConditionSpec(
+        fields=("tokens",), tokenizer=make_tokenizer("", 16)))
+  junk = write("junk.array_record", [b"not an image %d" % i for i in range(4)])
+  with pytest.raises(ValueError, match="encoded image bytes or a msgpack map"):
+    sources.check_data(junk, process_count=1)
+
+
+def test_text_runs_refuse_a_folder_without_captions(tmp_path):
+  from ldm_jax.data.conditions import ConditionSpec
+  from ldm_jax.data.tokenizer import make_tokenizer
+  text = ConditionSpec(fields=("tokens",), tokenizer=make_tokenizer("", 16))
+  rng = np.random.default_rng(3)
+  for i in range(4):
+    Image.fromarray(_photo(rng, 36, 36)).save(tmp_path / f"{i}.png")
+  config = _config(source="folder", path=str(tmp_path), batch_size=2)
+  sources.check_data(config, process_count=1)  # an autoencoder reads no captions
+  with pytest.raises(ValueError, match="none of the 4 images under .* has a caption .*"
+                     "allow_empty_captions=True"):
+    sources.check_data(config, process_count=1, conditions=text)
+  import dataclasses
+  sources.check_data(dataclasses.replace(config, allow_empty_captions=True), process_count=1,
+                     conditions=text)
+
+
 # --- pipeline --------------------------------------------------------------------------------
 
 def test_random_channel_order_permutes_the_same_crops():
@@ -392,10 +455,58 @@ def test_check_data_folder_errors(tmp_path):
 
 @pytest.mark.parametrize("name", ["no_such_dataset_xyz", "mnist"])
 def test_tfds_not_prepared_says_how_to_prepare(tmp_path, name):
-  config = _config(source="tfds", path=name, data_dir=str(tmp_path))
+  config = _config(source="tfds", path=name, data_dir=str(tmp_path), download=False)
   with pytest.raises(ValueError, match="array_record") as error:
     sources.check_data(config, process_count=1)
   assert "data_dir" in str(error.value) and name in str(error.value)
+  assert "\n" not in str(error.value)
+  assert os.listdir(tmp_path) in ([], [name])  # nothing downloaded
+
+
+def test_tfds_download_prepares_or_fails_in_one_line(tmp_path, monkeypatch):
+  """data.download=True (the default) runs the builder's download_and_prepare: a dataset
+  that needs no download is prepared and read; one whose download fails (a loopback port
+  nobody listens on: this machine may be offline or not) fails with the line naming
+  data_dir and how to prepare it elsewhere."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from tensorflow_datasets.core.download import downloader
+  monkeypatch.setattr(downloader, "MAX_RETRIES", 0)  # else ~3 minutes of backoff
+
+  class LocalPhotos(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"image": tfds.features.Image(shape=(None, None, 3))}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(4), "validation": self._generate_examples(2)}
+
+    def _generate_examples(self, count):
+      rng = np.random.default_rng(count)
+      for i in range(count):
+        yield i, {"image": _photo(rng, 36, 40)}
+
+  class LoopbackPhotos(LocalPhotos):
+    def _split_generators(self, dl_manager):
+      dl_manager.download("http://127.0.0.1:9/photos.zip")  # refused at once
+      return super()._split_generators(dl_manager)
+
+  calls = []
+  prepare = tfds.core.DatasetBuilder.download_and_prepare
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                      lambda self, **kw: calls.append(self.name) or prepare(self, **kw))
+  local = _config(source="tfds", path="local_photos", data_dir=str(tmp_path), batch_size=2)
+  sources.check_data(local, process_count=1)
+  assert calls == ["local_photos"] and len(sources.make_source(local, "train")) == 4
+  offline = _config(source="tfds", path="loopback_photos", data_dir=str(tmp_path / "dl"))
+  with pytest.raises(ValueError) as error:
+    sources.check_data(offline, process_count=1)
+  message = str(error.value)
+  assert calls[-1] == "loopback_photos" and "\n" not in message
+  assert message.startswith("TFDS dataset 'loopback_photos' could not be downloaded and "
+                            f"prepared in data_dir='{tmp_path / 'dl'}' (")
+  assert "`tfds build loopback_photos --file_format=array_record" in message
 
 
 def test_tfds_prepared_array_record(tmp_path):

@@ -229,6 +229,52 @@ def test_sixteen_channel_vae_with_a_shift(tmp_path):
   assert exported["latent_channels"] == 16 and exported["use_quant_conv"] is False
 
 
+def test_text_ldm_trains_on_arrayrecord_captions(tmp_path, kl_weights):
+  """ArrayRecord records as msgpack maps (the image under data.image_key, the caption
+  under cond.caption_key): the captions reach the batches' tokens and a tiny text LDM
+  trains on them; records of raw image bytes have no caption and are refused."""
+  import io
+
+  from array_record.python.array_record_module import ArrayRecordWriter
+  from flax import serialization
+  from PIL import Image
+
+  from ldm_jax.data.pipeline import train_iterator
+  from ldm_jax.data.spec import DataSpec
+  from ldm_jax.train.ldm_setup import condition_spec, tokenizer
+  rng = np.random.default_rng(0)
+
+  def png():
+    encoded = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (40, 44, 3), np.uint8)).save(encoded, format="PNG")
+    return encoded.getvalue()
+
+  def write(path, records):
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    for record in records:
+      writer.write(record)
+    writer.close()
+    return str(path)
+
+  captions = [f"photo number {i}" for i in range(6)]
+  path = write(tmp_path / "captioned.array_record",
+               [serialization.msgpack_serialize({"image": png(), "caption": caption})
+                for caption in captions])
+  config = _config("ldm_txt2img", kl_weights, num_steps=1, eval_at_start=False)
+  config.data.update(source="arrayrecord", path=path)
+  batch = next(train_iterator(DataSpec.from_config(config.data), global_batch_size=2, seed=0,
+                              process_index=0, process_count=1,
+                              conditions=condition_spec(config)))
+  assert batch["image"].shape == (2, 32, 32, 3)
+  assert {tokenizer(config).decode(t) for t in batch["tokens"]} <= set(captions)
+  metrics = ldm_trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert np.isfinite(metrics["train/loss"])
+
+  config.data.path = write(tmp_path / "raw.array_record", [png() for _ in range(3)])
+  with pytest.raises(ValueError, match="holds an image and no caption"):
+    build_run(config, str(tmp_path / "raw_run"))
+
+
 def test_bad_ldm_configs(tmp_path, kl_weights):
   config = _config("ldm_txt2img", kl_weights)
   config.unet.context_dim = 48

@@ -62,8 +62,9 @@ def read_autoencoder_weights(path: str | os.PathLike) -> AutoencoderWeights:
     if not weights_file.is_file():
       raise WeightFileError(f"{path} is a folder without {DIFFUSERS_WEIGHTS} (nor vae/"
                             f"{DIFFUSERS_WEIGHTS}); pass a diffusers model folder or a file")
-    tensors = read_tensors(weights_file)
     config = _read_diffusers_config(folder)
+    _check_diffusers_class(folder, config)  # before reading tensors of another model
+    tensors = read_tensors(weights_file)
     resolution = config.get("sample_size")
     options = {field: bool(config[name]) for name, field in _DIFFUSERS_OPTIONS.items()
                if name in config}
@@ -94,6 +95,21 @@ def read_autoencoder_weights(path: str | os.PathLike) -> AutoencoderWeights:
 def _diffusers_folder(path):
   """The model folder of a diffusers model or pipeline folder (its vae/)."""
   return path / "vae" if (path / "vae" / DIFFUSERS_WEIGHTS).is_file() else path
+
+
+# diffusers model classes whose weights are a first stage's encoder and decoder.
+_AUTOENCODER_CLASSES = ("AutoencoderKL", "VQModel")
+
+
+def _check_diffusers_class(folder, config: dict) -> None:
+  """A diffusers folder of another model (a UNet, a text encoder) fails here by its name,
+  rather than later on its tensor names."""
+  name = config.get("_class_name")
+  if name and name not in _AUTOENCODER_CLASSES and not name.startswith("Autoencoder"):
+    raise WeightFileError(
+        f"{folder} holds a diffusers {name} (its config.json's _class_name), not an "
+        f"autoencoder: give an {' or '.join(_AUTOENCODER_CLASSES)} folder (a pipeline's "
+        f"vae/ folder, or the pipeline folder itself) or a CompVis first-stage checkpoint")
 
 
 def _read_diffusers_config(folder) -> dict:

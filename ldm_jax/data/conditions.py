@@ -1,11 +1,12 @@
 """What an LDM is conditioned on, read from each record next to its image.
 
 Fields:
-  label    int32 class id: a record's `label_key` (TFDS, dict records, the built-in
-           photos), or for an image folder the index of the image's first-level subfolder
-           among the sorted subfolders (the ImageFolder convention)
+  label    int32 class id: a record's `label_key` (TFDS, ArrayRecord msgpack maps, the
+           built-in photos), or for an image folder the index of the image's first-level
+           subfolder among the sorted subfolders (the ImageFolder convention)
   tokens   int32 [max_length] token ids of the caption: a record's `caption_key`, or for an
-           image folder the text of a `.txt` file with the same stem (empty if none)
+           image folder the text of a `.txt` file with the same stem (empty if none;
+           `sources.check_data` refuses a folder without any)
 
 Readers are plain picklable objects, so grain worker processes can run them.
 """
@@ -80,8 +81,8 @@ class FieldReader:
   def _label(self, record: Any) -> int:
     if isinstance(record, dict):
       if self.spec.label_key not in record:
-        raise KeyError(f"record has no {self.spec.label_key!r} field (has {sorted(record)}); "
-                       f"set cond.label_key")
+        raise KeyError(f"no {self.spec.label_key!r} key (the record has {sorted(record)}): "
+                       f"set cond.label_key to the key of the class label")
       return int(record[self.spec.label_key])
     if isinstance(record, (str, os.PathLike)) and self.folder_root is not None:
       sep = "/" if fs.is_remote(record) else os.sep
@@ -89,13 +90,13 @@ class FieldReader:
       if first not in self.classes:
         raise ValueError(f"{record} is not inside a class subfolder of {self.folder_root}")
       return self.classes.index(first)
-    raise TypeError(f"cannot read a class label from a {type(record).__name__} record")
+    raise _image_only(record, "class label", "label_key")
 
   def _caption(self, record: Any) -> str:
     if isinstance(record, dict):
       if self.spec.caption_key not in record:
-        raise KeyError(f"record has no {self.spec.caption_key!r} field (has {sorted(record)}); "
-                       f"set cond.caption_key")
+        raise KeyError(f"no {self.spec.caption_key!r} key (the record has {sorted(record)}): "
+                       f"set cond.caption_key to the key of the caption")
       text = record[self.spec.caption_key]
       return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
     if isinstance(record, (str, os.PathLike)):
@@ -103,4 +104,10 @@ class FieldReader:
       if fs.isfile(sidecar):  # local or gs://
         return fs.read_bytes(sidecar).decode("utf-8", "replace").strip()
       return ""
-    raise TypeError(f"cannot read a caption from a {type(record).__name__} record")
+    raise _image_only(record, "caption", "caption_key")
+
+
+def _image_only(record: Any, what: str, key: str) -> TypeError:
+  return TypeError(f"a record of {type(record).__name__} holds an image and no {what}: "
+                   f"write records as maps with the {what} under cond.{key} (ArrayRecord: "
+                   f"msgpack maps, see the README's Data section)")

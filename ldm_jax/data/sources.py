@@ -1,13 +1,23 @@
 """Where the images come from: one random-access source per (DataSpec, split), and the check.
 
 The settings are a `spec.DataSpec` (built once from `config.data` at the top of a run);
-this module uses source, path, split, val_split, val_fraction, data_dir, image_key and
-the decoding bounds, and `check_data` checks batch_size against the number of hosts.
+this module uses source, path, split, val_split, val_fraction, data_dir, download,
+image_key and the decoding bounds, and `check_data` checks batch_size against the number
+of hosts and, for text runs on a folder, allow_empty_captions.
 
-Sources return records undecoded (file paths, encoded bytes, arrays or TFDS dicts): the
-pipeline decodes them, so a broken file is skipped there instead of failing a run here.
-Everything that is wrong with the data itself fails in `check_data`, before compilation
-(what is wrong with the values alone already failed in `DataSpec`).
+Sources return records undecoded (file paths, encoded bytes, arrays or dicts: TFDS
+features, ArrayRecord msgpack maps): the pipeline decodes them, so a broken file is
+skipped there instead of failing a run here. Everything that is wrong with the data
+itself fails in `check_data`, before compilation (what is wrong with the values alone
+already failed in `DataSpec`), including a first record that lacks a key the run reads.
+
+An ArrayRecord record is either the encoded image itself (JPEG, PNG, WebP bytes) or a
+msgpack map (`flax.serialization.msgpack_serialize` or any msgpack writer) with string
+keys: the encoded image under `data.image_key`, and the caption (text) / class label
+(int) under the config's `cond.caption_key` / `cond.label_key`. msgpack rather than a
+`tf.train.Example`: reading it needs no TensorFlow (in the training process and every
+grain worker), msgpack ships with flax, and every language has a writer for it.
+
 An image folder's files with other extensions are counted (`ignored_files`) and logged
 once per folder; a `.txt` caption beside an image is expected and not counted.
 """
@@ -24,6 +34,7 @@ from typing import Any, Sequence
 
 from ldm_jax import fs
 from ldm_jax.data import builtin, images
+from ldm_jax.data.conditions import ConditionSpec, FieldReader
 from ldm_jax.data.spec import SOURCES, DataSpec  # noqa: F401 (SOURCES: the old home)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -64,12 +75,16 @@ def make_source(data: DataSpec, split: str) -> Source:
   return _MAKERS[data.source](data, split)
 
 
-def check_data(data: DataSpec, *, process_count: int | None = None) -> None:
+def check_data(data: DataSpec, *, process_count: int | None = None,
+               conditions: ConditionSpec | None = None) -> None:
   """Fails fast, with what is wrong and how to fix it, on data that cannot train.
 
   Both splits must exist and be non-empty, every host needs at least one training record,
-  and among the first training records at least one must decode as an image (a single
-  broken file is skipped later, but a path full of non-images is a config error).
+  the first training record must hold what the run reads (the image key of a map record,
+  the `conditions` fields), and among the first training records at least one must
+  decode as an image (a single broken file is skipped later, but a path full of
+  non-images is a config error). A text-conditioned run on an image folder needs `.txt`
+  captions, unless `data.allow_empty_captions`.
   """
   if process_count is None:
     import jax
@@ -90,7 +105,10 @@ def check_data(data: DataSpec, *, process_count: int | None = None) -> None:
     logging.warning("data.batch_size=%d exceeds the %d training records of %s: batches "
                     "span epochs, so each batch repeats images", data.batch_size, len(train),
                     train.label)
+  _check_first_record(train, data)
   _probe(train, data)
+  if conditions is not None and conditions.fields:
+    _check_conditions(train, data, conditions)
   logging.info("data: %s with %s", data.source,
                ", ".join(f"{k}={len(v)} records" for k, v in splits.items()))
 
@@ -104,8 +122,46 @@ def _probe(source: Source, data: DataSpec) -> None:
       return
     except Exception as e:  # pylint: disable=broad-except
       errors.append(f"{type(e).__name__}: {e}")
+  what = (f"each record must be encoded image bytes or a msgpack map holding them under "
+          f"data.image_key={data.image_key!r}" if data.source == "arrayrecord"
+          else "does data.path hold images?")
   raise ValueError(f"none of the first {len(errors)} records of {source.label} decodes as an "
-                   f"image (first error: {errors[0]}); does data.path hold images?")
+                   f"image (first error: {errors[0]}); {what}")
+
+
+def _check_first_record(source: Source, data: DataSpec) -> None:
+  """A map record (TFDS features, an ArrayRecord msgpack map) holds data.image_key."""
+  record = source[0]
+  if isinstance(record, dict) and data.image_key not in record:
+    raise ValueError(f"record 0 of {source.label} has keys {sorted(record)} but no "
+                     f"{data.image_key!r}: set --config.data.image_key to the key holding "
+                     f"the encoded image")
+
+
+def _check_conditions(source: Source, data: DataSpec, conditions: ConditionSpec) -> None:
+  """The first record gives every condition field; an image folder has captions."""
+  try:
+    FieldReader(conditions, source.folder_root)(source[0])
+  except (KeyError, TypeError, ValueError) as e:
+    detail = e.args[0] if isinstance(e, KeyError) and e.args else e
+    raise ValueError(f"record 0 of {source.label}: {detail}") from None
+  if source.folder_root is not None and {"tokens", "caption"} & set(conditions.fields):
+    _check_captions(source.folder_root, data)
+
+
+def _check_captions(root: str, data: DataSpec) -> None:
+  """Without a single `.txt` caption a text model learns from empty prompts only, which
+  is almost surely a wrong folder; a few missing ones are logged."""
+  files, _, captioned = _scan(root)
+  if captioned == 0 and not data.allow_empty_captions:
+    raise ValueError(f"none of the {plural(len(files), 'image')} under {root!r} has a "
+                     f"caption (a .txt file of the same name beside it), so this "
+                     f"text-conditioned run would train on empty captions only: add the "
+                     f".txt files, or set --config.data.allow_empty_captions=True if that "
+                     f"is meant")
+  if captioned < len(files):
+    logging.warning("%d of the %s under %r have no .txt caption: they train with an empty "
+                    "one", len(files) - captioned, plural(len(files), "image"), root)
 
 
 def _unknown_split(split: str, data: DataSpec, label: str) -> ValueError:
@@ -136,20 +192,23 @@ _ignored: dict[str, dict[str, int]] = {}
 
 
 @functools.cache
-def _scan(root: str) -> tuple[tuple[str, ...], dict[str, int]]:
-  """(sorted image files, {extension: count} of other files) under `root`; logs the latter.
+def _scan(root: str) -> tuple[tuple[str, ...], dict[str, int], int]:
+  """(sorted image files, {extension: count} of other files, how many of the images have
+  a `.txt` caption) under `root`; logs the other files.
 
   Other files are those with an extension not in IMAGE_EXTENSIONS, except hidden ones and
   `.txt` captions beside an image of the same name (what conditions.py reads).
   """
-  found, ignored = [], collections.Counter()
+  found, ignored, captioned = [], collections.Counter(), 0
   for folder, subfolders, files in fs.walk(root, followlinks=True):  # local or gs://
     subfolders[:] = [d for d in subfolders if not d.startswith(".")]
     names = [os.path.splitext(f) for f in files if not f.startswith(".")]
     stems = {stem for stem, ext in names if ext.lower() in IMAGE_EXTENSIONS}
+    captions = {stem for stem, ext in names if ext == ".txt"}
     for stem, ext in names:
       if ext.lower() in IMAGE_EXTENSIONS:
         found.append(fs.join(folder, stem + ext))
+        captioned += stem in captions
       elif not (ext == ".txt" and stem in stems):
         ignored[ext.lower() or "(no extension)"] += 1
   ignored = dict(ignored)
@@ -158,7 +217,7 @@ def _scan(root: str) -> tuple[tuple[str, ...], dict[str, int]]:
     logging.warning("folder %r: ignored %s with other extensions (%s); accepted: %s", root,
                     plural(sum(ignored.values()), "file"), format_counts(ignored),
                     " ".join(IMAGE_EXTENSIONS))
-  return tuple(sorted(found)), ignored
+  return tuple(sorted(found)), ignored, captioned
 
 
 def ignored_files() -> dict[str, int]:
@@ -221,7 +280,7 @@ def _folder(data: DataSpec, split: str) -> Source:
 
 
 def _nonempty(root: str) -> tuple[str, ...]:
-  files, ignored = _scan(root)
+  files, ignored, _ = _scan(root)
   if not files:
     others = f" (only other files: {format_counts(ignored)})" if ignored else ""
     raise ValueError(f"no .jpg/.jpeg/.png/.webp files under {root!r}{others}; point data.path "
@@ -243,7 +302,7 @@ def _arrayrecord(data: DataSpec, split: str) -> Source:
   if not paths:
     raise ValueError(f"no ArrayRecord files match data.path={resolved!r}; check the path "
                      f"(a '{{split}}' in it is replaced by the split name)")
-  records = grain.sources.ArrayRecordDataSource(paths)
+  records = RecordValues(grain.sources.ArrayRecordDataSource(paths))
   label = f"ArrayRecord files {resolved!r}"
   if has_split:
     return Source(records, label)
@@ -259,17 +318,54 @@ def _arrayrecord(data: DataSpec, split: str) -> Source:
                 positions[is_val == want_val])
 
 
+# The first byte of a msgpack map (fixmap, map 16, map 32). A PNG's first byte, 0x89, is a
+# fixmap's too: its full signature is checked first.
+_MSGPACK_MAP_BYTES = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def record_value(raw: bytes) -> bytes | dict:
+  """An ArrayRecord record as the pipeline reads it: a msgpack map with string keys as a
+  dict (its arrays, as flax.serialization writes them, as numpy arrays), anything else as
+  the bytes of an encoded image."""
+  if not raw or raw[0] not in _MSGPACK_MAP_BYTES or raw.startswith(_PNG_SIGNATURE):
+    return raw
+  from flax import serialization
+  try:
+    value = serialization.msgpack_restore(raw)
+  except Exception:  # pylint: disable=broad-except  # not msgpack: image bytes, or junk
+    return raw
+  if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+    return value
+  return raw
+
+
+class RecordValues:
+  """Random access to ArrayRecord records as `record_value`s; picklable for grain's
+  worker processes as the ArrayRecord source is."""
+
+  def __init__(self, records):
+    self.records = records
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int):
+    return record_value(self.records[index])
+
+
 def _glob(pattern: str) -> list[str]:
   """Sorted matching files, local or gs:// (ldm_jax.fs; array_record reads gs:// itself)."""
   return fs.glob(pattern)
 
 
 def _tfds(data: DataSpec, split: str) -> Source:
-  """A prepared TFDS dataset in array_record format, read without TensorFlow.
+  """A TFDS dataset in array_record format, read without TensorFlow; downloaded and
+  prepared in data_dir first when it is not there and `data.download` allows it.
 
-  The builder is only asked whether the data is on disk: `tfds.data_source` with
-  download=False never reaches the network, which on an offline machine would hang or fail
-  with an unhelpful download error.
+  Reading never reaches the network (`tfds.data_source` with download=False): only the
+  explicit preparation does, so an offline failure is reported as one, with how to
+  prepare the dataset elsewhere.
   """
   import tensorflow_datasets as tfds
   name = data.path
@@ -287,8 +383,11 @@ def _tfds(data: DataSpec, split: str) -> Source:
     raise ValueError(f"TFDS dataset {name!r} is neither a registered dataset nor prepared in "
                      f"{where}; {how}") from e
   if not builder.is_prepared():
-    raise ValueError(f"TFDS dataset {name!r} is not prepared in {where} (datasets cannot be "
-                     f"downloaded here); {how}")
+    if not data.download:
+      raise ValueError(f"TFDS dataset {name!r} is not prepared in {where} and "
+                       f"data.download=False; {how} (or set data.download=True where the "
+                       f"machine can download)")
+    _download_and_prepare(builder, name, data_dir, where, how)
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
     raise ValueError(f"TFDS dataset {name!r} in {where} is stored as "
                      f"{builder.info.file_format.value}, but random access needs array_record: "
@@ -305,6 +404,30 @@ def _tfds(data: DataSpec, split: str) -> Source:
   records = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                              decoders={image_key: tfds.decode.SkipDecoding()})
   return Source(records, f"tfds:{name}/{split}")
+
+
+def _download_and_prepare(builder, name: str, data_dir: str | None, where: str,
+                          how: str) -> None:
+  """Downloads and prepares `builder`'s dataset as array_record, or fails in one line."""
+  import jax
+  if jax.process_count() > 1 and fs.is_remote(data_dir or ""):
+    # Every host would prepare the same shared folder at once.
+    raise ValueError(f"TFDS dataset {name!r} is not prepared in {where}, which the "
+                     f"{jax.process_count()} processes share: prepare it once before the "
+                     f"run ({how})")
+  logging.warning("TFDS dataset %r is not prepared in %s: downloading and preparing it "
+                  "(data.download=True). Offline, TFDS retries for about 3 minutes before "
+                  "giving up; data.download=False fails at once", name, where)
+  try:
+    builder.download_and_prepare(file_format="array_record")
+  except Exception as e:  # pylint: disable=broad-except  # network, disk, manual archives
+    cause = e
+    while cause.__cause__ is not None or cause.__context__ is not None:
+      cause = cause.__cause__ or cause.__context__
+    detail = " ".join(str(cause).split())[:300]
+    raise ValueError(f"TFDS dataset {name!r} could not be downloaded and prepared in {where} "
+                     f"({type(cause).__name__}: {detail}); if this machine cannot download, "
+                     f"{how}") from e
 
 
 # data.source -> the function making its Source (spec.SOURCES names the same keys).

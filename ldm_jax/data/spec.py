@@ -27,7 +27,8 @@ Added later, so with defaults for configs saved before them:
                 of its own (folder without a `val_split` subfolder, ArrayRecord path
                 without "{split}"); default 0.05, at least one record
   data_dir      tfds: the TFDS data directory holding the prepared dataset ("" = TFDS's)
-  image_key     tfds: the feature holding the image (default "image")
+  image_key     tfds: the feature holding the image; arrayrecord: the key holding the
+                encoded image in records that are msgpack maps (default "image")
   max_aspect_ratio  images whose longer side exceeds this many times the shorter are
                 skipped, before decoding (default 4; see images.DEFAULT_MAX_ASPECT_RATIO)
   max_image_pixels  images with more pixels to decode (after JPEG's reduced-scale decoding)
@@ -41,6 +42,11 @@ Added later, so with defaults for configs saved before them:
                 example (default off). For small or colour-poor data (the built-in photos
                 are few, warm or grey): an autoencoder should reproduce any colour, and
                 this shows it blue skies a dozen warm photos never do
+  download      tfds: download and prepare a dataset that is not prepared in data_dir
+                (default True); False fails at once, naming how to prepare it elsewhere
+  allow_empty_captions  a text-conditioned run on an image folder where no image has a
+                `.txt` caption trains on empty captions: refused unless this is True
+                (default False)
 
 What needs the data itself (do the splits exist, do the files decode, is there a record
 for every host) is checked by `sources.check_data`, not here: building a spec touches no
@@ -88,6 +94,8 @@ class DataSpec:
   max_image_pixels: int = images.DEFAULT_MAX_IMAGE_PIXELS
   short_side: int = 0
   random_channel_order: bool = False
+  download: bool = True
+  allow_empty_captions: bool = False
 
   def __post_init__(self):
     # In __post_init__ rather than from_config, so dataclasses.replace is checked too.
@@ -101,8 +109,9 @@ class DataSpec:
       raise ValueError(f"data.short_side={self.short_side} is below data.image_size="
                        f"{self.image_size}: the crop must fit (0 resizes to image_size)")
     if self.batch_size < 1:
-      raise ValueError(f"data.batch_size={self.batch_size} must be >= 1 (it is the global "
-                       "batch over all hosts and devices)")
+      raise ValueError(f"data.batch_size={self.batch_size} must be >= 1: it is the global "
+                       "batch over all hosts and devices; set --config.data.batch_size to "
+                       "a multiple of the number of devices")
     if self.num_workers < 0:
       raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
     if not 0.0 < self.val_fraction < 1.0:

@@ -16,7 +16,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from ldm_jax.cli import parse_flags
+from ldm_jax import cli
 from ldm_jax.eval.reference import compute_reference_stats
 from ldm_jax.logs import console_logging
 
@@ -30,6 +30,7 @@ _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 0, "Images to use; 0 = all.
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch; default config.data.batch_size.")
 _OVERWRITE = flags.DEFINE_boolean("overwrite", False,
                                   "Replace --out even when ldm_jax did not write it.")
+_VERBOSE = flags.DEFINE_boolean("verbose", False, cli.VERBOSE_HELP)
 flags.mark_flags_as_required(["out"])
 
 
@@ -55,8 +56,8 @@ def main(argv):
                             os.fspath(_OUT.value), batch_size=_BATCH.value or data.batch_size,
                             num_examples=_NUM_EXAMPLES.value, overwrite=_OVERWRITE.value)
   except (FileNotFoundError, ValueError) as e:  # missing files, bad config: no traceback
-    raise SystemExit(f"error: {e}") from None
+    cli.fail(e, _VERBOSE.value)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)  # unknown --config.* keys: one clear line
+  cli.run(main, _VERBOSE)  # errors the user can fix (--config.* keys too): one line

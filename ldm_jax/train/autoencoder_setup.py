@@ -40,9 +40,13 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[AutoencoderSpec, Lo
   spec = AutoencoderSpec.from_config(config.model)
   loss = LossConfig.from_config(config.loss)
   data = DataSpec.from_config(config.data)  # its keys and values (batch_size >= 1, ...)
-  if data.image_size % spec.downsample_factor:
-    raise ValueError(f"data.image_size={data.image_size} is not divisible by the "
-                     f"model's downsampling factor {spec.downsample_factor}")
+  factor = spec.downsample_factor
+  if data.image_size % factor:
+    lower = data.image_size // factor * factor
+    raise ValueError(f"data.image_size={data.image_size} is not divisible by the model's "
+                     f"downsampling factor {factor}, so the latent grid would not cover "
+                     f"the image: use a multiple of {factor} (e.g. "
+                     f"{lower or factor} or {lower + factor})")
   # EQ-VAE's downscaled latents and images need whole sizes the losses can take.
   check_eq_vae_sizes(loss, data.image_size, spec.downsample_factor)
   loop.LoopSpec.from_config(config.train)

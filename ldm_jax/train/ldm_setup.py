@@ -83,6 +83,7 @@ def unet_spec(config: ml_collections.ConfigDict):
 def check_config(config: ml_collections.ConfigDict):
   """The UNet spec, after failing with a clear message on anything inconsistent."""
   from ldm_jax.diffusion.samplers import SAMPLERS
+  config = sd_source.resolve(config)  # an SD config's first stage numbers: the pipeline's
   for block, known in KNOWN_KEYS.items():
     unknown = sorted(set((config.get(block) or {}).keys()) - known)
     if unknown:
@@ -123,6 +124,9 @@ def check_config(config: ml_collections.ConfigDict):
   if cond.kind == "none" and spec.use_spatial_transformer:
     raise ValueError("a model without a class or text condition has no context for "
                      "cross-attention: set unet.use_spatial_transformer=False")
+  if int(config.first_stage.downsample_factor) < 1:
+    raise ValueError(f"first_stage.downsample_factor={config.first_stage.downsample_factor}: "
+                     f"set it to the first stage's downsampling factor (8 for KL-f8)")
   check_image_size(config, spec, data.image_size, "data.image_size")
   if config.sample.sampler not in SAMPLERS:
     raise ValueError(f"sample.sampler={config.sample.sampler!r}; choose one of {SAMPLERS}")
@@ -157,13 +161,18 @@ def check_config(config: ml_collections.ConfigDict):
 def check_image_size(config: ml_collections.ConfigDict, spec, size: int, what: str) -> None:
   """Images of `size` must give latents the UNet can halve at each of its levels."""
   factor = int(config.first_stage.downsample_factor)
-  if size % factor:
-    raise ValueError(f"{what}={size} is not divisible by the first stage's factor {factor}")
   latent, halvings = size // factor, len(spec.channel_mult) - 1
+  multiple = factor * 2**halvings
+  lower = size // multiple * multiple
+  fix = f"use a multiple of {multiple} (e.g. {lower or multiple} or {lower + multiple})"
+  if size % factor:
+    raise ValueError(f"{what}={size} is not divisible by the first stage's downsampling "
+                     f"factor {factor} (first_stage.downsample_factor), so the latents "
+                     f"would not cover the image: {fix}")
   if latent % 2**halvings:
-    raise ValueError(f"{what}={size} gives latents of {latent}x{latent}, which cannot go "
-                     f"down {halvings} times in the UNet: use a multiple of "
-                     f"{factor * 2**halvings}")
+    raise ValueError(f"{what}={size} gives latents of {latent}x{latent}, which the UNet "
+                     f"cannot halve {halvings} time{'s' if halvings > 1 else ''} "
+                     f"(unet.channel_mult has {halvings + 1} levels): {fix}")
 
 
 def build_model(config: ml_collections.ConfigDict, spec, seed: int):

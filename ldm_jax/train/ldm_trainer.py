@@ -32,7 +32,7 @@ from ldm_jax import mesh as mesh_lib
 from ldm_jax.train import loop
 from ldm_jax.train.guard import NonFiniteError
 from ldm_jax.train.images import grid, save_grid
-from ldm_jax.train.ldm_setup import build_model, build_programs, condition_spec
+from ldm_jax.train.ldm_setup import build_model, build_programs, check_config, condition_spec
 from ldm_jax.train.optim import learning_rate
 
 
@@ -56,9 +56,11 @@ class LDMRun:
 def build_run(config: ml_collections.ConfigDict, workdir: str,
               check_training_data: bool = True) -> LDMRun:
   """Loads and checks everything; nothing is compiled yet."""
+  config = sd_source.resolve(config)  # an SD config's first stage numbers: the pipeline's
+  check_config(config)  # the config alone first: its errors before any data or weights
   data = DataSpec.from_config(config.data)
   if check_training_data and not config.first_stage.cache_dir:
-    check_data(data)
+    check_data(data, conditions=condition_spec(config))  # its captions / labels too
   layout = mesh_lib.Layout.from_config(config.train)
   global_batch = data.batch_size
   mesh_lib.check_batch(global_batch, layout.mesh)
@@ -91,7 +93,11 @@ def _load_first_stage(config: ml_collections.ConfigDict):
         f"the first stage {source} (first_stage.path) does not exist: if it moved, give its "
         f"new place with --first_stage=PATH (sample, export, evaluate) or "
         f"--config.first_stage.path=PATH (training)")
-  autoencoder = first_stage.load_first_stage(source)
+  from ldm_jax.convert.files import WeightFileError
+  try:
+    autoencoder = first_stage.load_first_stage(source)
+  except WeightFileError as e:  # names the key to fix, as train.init_from's errors do
+    raise WeightFileError(f"first_stage.path={source}: {e}") from None
   if autoencoder.spec.kind != config.first_stage.kind:
     raise ValueError(f"first_stage.kind={config.first_stage.kind!r} but "
                      f"{config.first_stage.path} holds a {autoencoder.spec.kind!r} model")
@@ -184,7 +190,8 @@ def preview_images(run: LDMRun, fields: dict, size: int) -> np.ndarray | None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) until config.train.num_steps (see `train.loop`); returns the last
   training scalars and FID / IS."""
-  return loop.train(config, workdir, setup, export_target=lambda config: (
+  # Resolved before the loop compares it with a saved config.json and saves it.
+  return loop.train(sd_source.resolve(config), workdir, setup, export_target=lambda config: (
       pipeline_export_path(workdir) if sd_source.is_sd(config) else None))
 
 

@@ -63,6 +63,19 @@ def _load(path: str, tokenizer: str, prediction_type: str):
                        prediction_type=prediction_type or None)
 
 
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with what an SD config leaves to its pipeline filled in from it: a
+  `first_stage.downsample_factor` of 0 becomes the VAE's. The run saves the result as its
+  config.json, so sampling, export and a resume read the pipeline's numbers as stated.
+  (The latent scale and shift are the pipeline's VAE's whatever the config says, and the
+  state keeps them.)"""
+  if not is_sd(config) or int(config.first_stage.downsample_factor):
+    return config
+  resolved = config.copy_and_resolve_references()
+  resolved.first_stage.downsample_factor = load(config).vae_factor
+  return resolved
+
+
 def text_spec(config: ml_collections.ConfigDict, pipe, unet_spec):
   """The text encoder as the run builds it: the pipeline's, at the UNet's compute dtype."""
   return dataclasses.replace(pipe.text_encoder.spec, dtype=unet_spec.dtype,
@@ -95,10 +108,11 @@ def check(config: ml_collections.ConfigDict, pipe) -> None:
   if pipe.is_inpaint:
     raise ValueError(f"{pipeline_path(config)} is an inpainting pipeline ({pipe.variant}); "
                      "configs/sd_finetune.py fine-tunes text-to-image pipelines")
-  factor = pipe.vae_factor
-  if int(config.first_stage.downsample_factor) != factor:
-    raise ValueError(f"first_stage.downsample_factor={config.first_stage.downsample_factor} "
-                     f"but the pipeline's VAE downsamples by {factor}")
+  factor, stated = pipe.vae_factor, int(config.first_stage.downsample_factor)
+  if stated and stated != factor:  # 0 is the pipeline's (`resolve`)
+    raise ValueError(f"first_stage.downsample_factor={stated} but the pipeline's VAE "
+                     f"downsamples by {factor}: leave it at 0 to take the pipeline's, or "
+                     f"give the pipeline this config is for")
   if config.first_stage.kind != "kl":
     raise ValueError("a Stable Diffusion pipeline's VAE is a KL autoencoder: set "
                      "first_stage.kind='kl'")
