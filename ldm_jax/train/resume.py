@@ -40,6 +40,8 @@ HARMLESS = ("train.num_steps", "train.log_every", "train.eval_every", "train.ckp
             "train.eval_at_start", "train.preemption_every", "train.sharding_rules",
             "train.max_unsharded_fraction",
             "eval.", "sample.", "data.read_threads",
+            # a download of a missing TFDS dataset; a check of the captions at the start
+            "data.download", "data.allow_empty_captions",
             # files that may move between runs (their contents are the user's to keep)
             "first_stage.path", "loss.lpips_weights", "cond.vocab_file",
             "pipeline.path", "pipeline.tokenizer")  # an SD fine-tune's source pipeline
