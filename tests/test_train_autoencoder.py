@@ -91,15 +91,25 @@ def _wait_for(proc, needle, timeout=600):
   raise AssertionError(f"{needle!r} never appeared:\n" + "".join(seen[-50:]))
 
 
-def test_sigterm_saves_and_resume_is_bit_exact(tmp_path, uninterrupted):
+@pytest.mark.parametrize("signum,status,word", [(signal.SIGTERM, 0, "preempted"),
+                                                 (signal.SIGINT, 130, "interrupted")],
+                         ids=["sigterm", "ctrl_c"])
+def test_signal_saves_at_the_next_step_and_resume_is_bit_exact(tmp_path, uninterrupted,
+                                                              signum, status, word):
+  """SIGTERM (a preemption) and the first Ctrl-C alike: a checkpoint at the next step, one
+  closing line saying where, the lock released; the rerun resumes bit for bit."""
   proc = _start(tmp_path)
   _wait_for(proc, f"step 1/{STEPS}")
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   rest = proc.stderr.read()
-  assert proc.wait(timeout=300) == 0, rest[-3000:]
-  assert "preempted: checkpoint saved at step" in rest
+  assert proc.wait(timeout=300) == status, rest[-3000:]
+  assert "Traceback" not in rest
+  saved = re.findall(rf"{word}: checkpoint saved at step (\d+) in .*; rerun the same "
+                     r"command to resume", rest)
+  assert len(saved) == 1, rest[-3000:]
   interrupted_at, _ = _final_state(tmp_path)
-  assert interrupted_at < STEPS
+  assert checkpoint.saved_steps(tmp_path)[-1] == interrupted_at == int(saved[0]) < STEPS
+  assert not (tmp_path / "lock.json").exists()  # released on the way out
 
   log = _run(tmp_path)
   assert f"resuming from the checkpoint at step {interrupted_at}" in log
@@ -282,26 +292,6 @@ def test_resume_refuses_another_architecture_and_stage(tmp_path, uninterrupted, 
 
 def _checkpoint_entries(workdir):
   return sorted(p.name for p in (workdir / "checkpoints").iterdir())
-
-
-def test_ctrl_c_saves_at_the_next_step_and_resume_is_bit_exact(tmp_path, uninterrupted):
-  proc = _start(tmp_path)
-  _wait_for(proc, f"step 1/{STEPS}")
-  proc.send_signal(signal.SIGINT)
-  rest = proc.stderr.read()
-  assert proc.wait(timeout=300) == 130, rest[-3000:]
-  assert "Traceback" not in rest
-  saved = re.findall(r"interrupted: checkpoint saved at step (\d+) in .*; rerun the same "
-                     r"command to resume", rest)
-  assert len(saved) == 1, rest[-3000:]
-  assert checkpoint.saved_steps(tmp_path)[-1] == int(saved[0]) < STEPS
-  assert not (tmp_path / "lock.json").exists()  # released on the way out
-
-  log = _run(tmp_path)
-  assert f"resuming from the checkpoint at step {saved[0]}" in log
-  step, state = _final_state(tmp_path)
-  assert step == STEPS
-  _assert_same(state, uninterrupted[0])
 
 
 def test_second_ctrl_c_aborts_and_the_rerun_cleans_up(tmp_path, uninterrupted):

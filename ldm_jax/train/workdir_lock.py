@@ -138,23 +138,36 @@ class _Gcs:
       self.blob.delete(if_generation_match=self.generation)
 
 
+def _open(workdir: str):
+  path = fs.join(workdir, LOCK_FILE)
+  return path, (_Gcs(path) if fs.is_remote(path) else _Local(path))
+
+
+def _live_holder(workdir: str, path: str, lock) -> dict | None:
+  """The holder named in the lock (None when there is none); raises WorkdirLocked when
+  that holder is alive. A lock that is not JSON counts as held by someone unknown."""
+  saved = lock.read()
+  if saved is None:
+    return None
+  try:
+    holder = json.loads(saved)
+  except ValueError:
+    holder = {}
+  if _alive(holder):
+    raise WorkdirLocked(_held_message(workdir, path, holder))
+  return holder
+
+
 def _acquire(workdir: str):
   """Takes the lock (process 0); the held lock, or raises WorkdirLocked."""
-  path = fs.join(workdir, LOCK_FILE)
-  lock = _Gcs(path) if fs.is_remote(path) else _Local(path)
+  path, lock = _open(workdir)
   text = json.dumps(_holder(), indent=2)
   for _ in range(3):  # a holder that vanishes between our create and read: try again
     if lock.create(text):
       return lock
-    saved = lock.read()
-    if saved is None:
+    holder = _live_holder(workdir, path, lock)
+    if holder is None:
       continue
-    try:
-      holder = json.loads(saved)
-    except ValueError:
-      holder = {}
-    if _alive(holder):
-      raise WorkdirLocked(_held_message(workdir, path, holder))
     logging.warning("taking over the lock of %s: its holder, %s, is no longer running",
                     workdir, _describe(holder))
     if isinstance(lock, _Gcs):  # the stale object's generation guards the takeover
@@ -167,19 +180,8 @@ def check_free(workdir: str) -> None:
   """Raises WorkdirLocked when a live run holds `workdir` (reads only): a second run is
   refused before it spends minutes loading and compiling. `hold` decides for good."""
   import jax
-  if jax.process_index() != 0:
-    return
-  path = fs.join(workdir, LOCK_FILE)
-  lock = _Gcs(path) if fs.is_remote(path) else _Local(path)
-  saved = lock.read()
-  if saved is None:
-    return
-  try:
-    holder = json.loads(saved)
-  except ValueError:
-    holder = {}
-  if _alive(holder):
-    raise WorkdirLocked(_held_message(workdir, path, holder))
+  if jax.process_index() == 0:
+    _live_holder(workdir, *_open(workdir))
 
 
 def _held_message(workdir: str, path: str, holder: dict) -> str:
