@@ -60,9 +60,11 @@ class SaveTracker:
   failed background write only at the next save or wait, so the failing step is read off
   the disk (asked for, yet not complete), not assumed to be the current one."""
 
-  def __init__(self, workdir: str, manager: ocp.CheckpointManager, last_complete: int | None):
+  def __init__(self, workdir: str, manager: ocp.CheckpointManager, last_saved: int | None):
     self.workdir, self.manager = workdir, manager
-    self.last_complete = last_complete
+    # The newest step saved or being saved (complete once `wait` returns): what the run
+    # resumes from if it stops now in an orderly way.
+    self.last_saved = last_saved
     self._asked: list[int] = []
 
   def save(self, step: int, state: Any, data_iterator, force: bool = False) -> bool:
@@ -71,6 +73,8 @@ class SaveTracker:
       saved = save(self.manager, step, state, data_iterator, force=force)
     except Exception as e:  # pylint: disable=broad-except  # orbax's, tensorstore's, OS's
       raise self._error(e) from e
+    if saved:
+      self.last_saved = step
     return saved
 
   def wait(self, quiet: bool = False) -> None:
@@ -82,10 +86,6 @@ class SaveTracker:
       if not quiet:
         raise self._error(e) from e
       logging.error("%s", self._error(e))
-      return
-    complete = [s for s in self._asked if s in set(saved_steps(self.workdir))]
-    if complete:
-      self.last_complete = complete[-1]
 
   def _error(self, e: Exception) -> CheckpointWriteError:
     try:

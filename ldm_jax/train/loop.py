@@ -189,7 +189,7 @@ def _train(config, workdir: str, stage: Stage, spec: LoopSpec) -> dict:
       save_due = final or step % ckpt_every == 0
       preempted = preemption.requested(step)
       if log_due or save_due or preempted:  # the loop syncs here anyway
-        nonfinite.check(step, saves.last_complete)  # before a bad state is saved/exported
+        nonfinite.check(step, saves.last_saved)  # before a bad state is saved/exported
       if log_due:
         elapsed = time.time() - t_log
         scalars = {f"train/{k}": float(v) / count for k, v in jax.device_get(totals).items()}
