@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging as std_logging
+import threading
 import time
 from typing import Iterator
 
@@ -15,15 +16,28 @@ class _QuietLibraries:
   """Keeps library INFO chatter (orbax per save, clu per step, jax's TPU probe) out of the
   console; their warnings and errors still show."""
 
-  NOISY = ("/orbax/", "/grain/", "/clu/", "/jax/_src/xla_bridge.py")
+  NOISY = ("/orbax/", "/grain/", "/clu/", "/jax/_src/xla_bridge.py", "/asyncio/")
 
   def filter(self, record) -> bool:
     library = any(part in record.pathname for part in self.NOISY)
-    if library and record.exc_info and disk_full(record.exc_info[1]):
+    if library and record.exc_info and (_muted or disk_full(record.exc_info[1])):
       # orbax logs each writer thread's failure with its traceback; the command's own
       # error line already names the step and the full disk.
       record.exc_info, record.exc_text = None, None
     return record.levelno >= std_logging.WARNING or not library
+
+
+_muted = False
+
+
+def mute_library_tracebacks() -> None:
+  """From now on, library threads' failures log their message without a traceback, and
+  uncaught ones in threads print nothing: the run is ending on an error of its own, one
+  line that already says what happened (a full disk makes every orbax writer thread fail,
+  and its event loops then fail again as they close)."""
+  global _muted
+  _muted = True
+  threading.excepthook = lambda args: None
 
 
 def console_logging() -> None:

@@ -33,7 +33,13 @@ def test_full_disk_names_the_failed_step_and_keeps_the_last_checkpoint(tmp_path)
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # The run's own outcome is one line, and the last: no traceback through ldm_jax's code.
+    # (orbax's writer threads and their asyncio loops, failing on the full disk before the
+    # run learns of it, may still print theirs above it; see the issue 21 note.)
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]
+    assert "/ldm_jax/" not in "".join(line for line in proc.stderr.splitlines()
+                                      if line.lstrip().startswith("File "))
     assert "saving the checkpoint of step 6" in errors[0], errors[0]
     assert "no space left on device" in errors[0]
     assert "the last complete checkpoint is step 4" in errors[0]

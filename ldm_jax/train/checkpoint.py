@@ -21,7 +21,7 @@ from absl import logging
 from etils import epath
 
 from ldm_jax import fs
-from ldm_jax.logs import disk_full
+from ldm_jax.logs import disk_full, mute_library_tracebacks
 from ldm_jax.data.pipeline import iterator_restore_args, iterator_save_args
 
 
@@ -87,6 +87,24 @@ class SaveTracker:
         raise self._error(e) from e
       logging.error("%s", self._error(e))
 
+  def blame(self, e: Exception) -> CheckpointWriteError | None:
+    """For a full disk met by another writer (the metrics' event file, say): while a save
+    was in flight, that save filled the disk and is what failed, so the error names it;
+    None when every save asked for completed (the other write failed on its own)."""
+    if isinstance(e, CheckpointWriteError) or not disk_full(e):
+      return None
+    try:
+      self.manager.wait_until_finished()  # let the failing save end, quietly
+    except Exception:  # pylint: disable=broad-except  # reported below
+      pass
+    try:
+      complete = saved_steps(self.workdir)
+    except Exception:  # pylint: disable=broad-except
+      return None
+    if all(s in complete for s in self._asked):
+      return None
+    return self._error(e)
+
   def _error(self, e: Exception) -> CheckpointWriteError:
     try:
       complete = saved_steps(self.workdir)
@@ -95,6 +113,8 @@ class SaveTracker:
     failed = [s for s in self._asked if s not in complete] or self._asked[-1:]
     last = (f"the last complete checkpoint is step {complete[-1]}, which a rerun resumes "
             f"from" if complete else "no complete checkpoint was saved")
+    if disk_full(e):
+      mute_library_tracebacks()  # every orbax writer thread fails too
     cause = "no space left on device" if disk_full(e) else _last_line(e)
     hint = (" Free space (or lower train.keep_checkpoints) and rerun the same command" if
             disk_full(e) else " Rerun the same command once the cause is fixed")

@@ -213,6 +213,11 @@ def _train(config, workdir: str, stage: Stage, spec: LoopSpec) -> dict:
                          f"{checkpoint.checkpoint_dir(workdir)}; rerun the same command to "
                          f"resume", preemption.signal)
     saves.wait()
+  except Exception as e:  # pylint: disable=broad-except  # re-raised, or named
+    error = saves.blame(e)
+    if error is None:
+      raise
+    raise error from e
   finally:
     failing = sys.exc_info()[0] is not None
     preemption.restore()
